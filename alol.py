@@ -1,0 +1,806 @@
+"""A-LoL (Advantage-Leftover-Lunch RL) in one file: offline policy-gradient training of a language model on
+pre-existing data, with a sequence-level reward, a value estimate from the frozen reference policy, training
+only on positive-advantage examples, and a clipped sequence importance weight.
+
+Paper: Baheti et al., "Leftover-Lunch: Advantage-based Offline Reinforcement Learning for Language Models",
+ICLR 2024, https://arxiv.org/abs/2305.14718. The tutorial (tutorial.md) follows the numbered sections below.
+
+    python alol.py                  # embedded offline task `toy`: reference, nll and a_lol in ~2 min on 2 CPU cores
+    python alol.py --algo all       # all eight losses from the same reference
+    python alol.py --help           # every setting, grouped
+"""
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+
+import kernels
+
+transformers.utils.logging.disable_progress_bar()  # per-file load/save bars would drown ours
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Settings
+# ---------------------------------------------------------------------------------------------------------------
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # run
+    task: str = opt("toy", "task preset: `toy` is embedded and offline (data, tokenizer and model built here)")
+    algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`")
+    seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
+    out_dir: str = opt("", "run directory (default runs/<task>-seed<seed>-<time>)")
+    overwrite: bool = opt(False, "replace an --out-dir that holds a different run")
+    resume: bool = opt(False, "continue the run in --out-dir from its last checkpoints")
+    cache_dir: str = opt(".cache/alol", "where reference log-probs and V(x) are cached between runs")
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda")
+    kernel: str = opt("auto", "log-prob backend of kernels/: auto (Triton on CUDA), torch or triton")
+    bf16: bool = opt(True, "bf16 autocast on CUDA; log-probs, ratios and the loss stay fp32")
+    # data
+    train_file: str = opt("", "JSONL with prompt, response and reward (or a dict `rewards`); replaces the task's data")
+    val_file: str = opt("", "JSONL of the same form; its prompts train the value head")
+    test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
+    reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
+    n_train: int = opt(8000, "toy: training examples (one offline response each)")
+    n_val: int = opt(600, "toy: validation examples (value-head prompts)")
+    n_test: int = opt(400, "toy: test examples (prompts unseen in training)")
+    max_prompt_len: int = opt(24, "prompt tokens kept (left-truncated: the end of the prompt matters most)")
+    max_response_len: int = opt(32, "response tokens kept incl. the final EOS (right-truncated)")
+    # reference policy
+    model: str = opt("", "Hugging Face id or path of the initial policy; empty = the task's own tiny GPT-2")
+    ref_model: str = opt("", "path of a trained reference policy; skips the NLL reference stage")
+    ref_epochs: int = opt(3, "epochs of NLL on the training data that make the reference (paper §3)")
+    ref_lr: float = opt(1e-3, "learning rate of the reference stage")
+    # value estimate
+    value_samples: int = opt(8, "reference samples per validation prompt; V's target is their mean reward")
+    value_epochs: int = opt(30, "value-head epochs; the best held-out epoch is kept")
+    value_lr: float = opt(1e-3, "value-head learning rate")
+    # A-LoL training
+    epochs: int = opt(2, "epochs of each method over its training set (the kept set for A-LoL variants)")
+    lr: float = opt(1e-3, "learning rate of each method")
+    batch_size: int = opt(64, "sequences per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimiser step (the update equals one batch_size*grad_accum batch)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (official: 0.01)")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip (official: 1.0)")
+    clip_eps: float = opt(0.9, "importance weight clipped to [1-eps, 1+eps]; `none` = no clip (official HH: 0.9)")
+    kl_beta: float = opt(0.1, "beta of a_lol_kl")
+    priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (paper §2.3)")
+    save_every: int = opt(100, "optimiser steps between checkpoints (always saved at the end)")
+    # evaluation
+    eval_max_new_tokens: int = opt(32, "generated tokens per test prompt")
+    eval_num_beams: int = opt(1, "beams of the deterministic decode (1 = greedy)")
+    eval_repetition_penalty: float = opt(1.0, "repetition penalty of the deterministic decode")
+    eval_batch_size: int = opt(200, "prompts per generation batch")
+
+
+ARG_GROUPS = {"task": "run", "train_file": "data", "model": "reference policy", "value_samples": "value estimate",
+              "epochs": "A-LoL training", "eval_max_new_tokens": "evaluation"}
+# Task presets override Args defaults. The defaults above are the toy's: sizes measured so that `python alol.py`
+# takes about 2 minutes on 2 CPU cores (shared/notes/embedded.md §2-3).
+TASK_PRESETS = {"toy": {}}
+ALGOS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
+# Settings that may differ when --resume adds methods to or re-evaluates an existing run.
+NOT_RUN_IDENTITY = {"algo", "resume", "overwrite", "out_dir", "device", "kernel", "cache_dir"}
+
+
+class AlolError(Exception):
+    """A user-facing error: printed as one line, no traceback."""
+
+
+def parse_args(argv=None) -> Args:
+    def optional_float(s):
+        return None if s.lower() == "none" else float(s)
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = p
+    for f in fields(Args):
+        group = p.add_argument_group(ARG_GROUPS[f.name]) if f.name in ARG_GROUPS else group
+        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = optional_float if f.name == "clip_eps" else kind
+            group.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
+                               choices=list(TASK_PRESETS) if f.name == "task" else None)
+    task = p.parse_known_args(argv)[0].task
+    p.set_defaults(**TASK_PRESETS[task])
+    args = Args(**vars(p.parse_args(argv)))
+    unknown = [a for a in args.algo.split(",") if a not in ALGOS + ["all"]]
+    if unknown:
+        p.error(f"unknown --algo {','.join(unknown)!r}; choose from {', '.join(ALGOS)} or all")
+    if args.clip_eps is not None and args.clip_eps <= 0:
+        p.error("--clip-eps must be > 0, or `none` for no clipping")
+    files = [args.train_file, args.val_file, args.test_file]
+    if any(files) and not all(files):
+        p.error("--train-file, --val-file and --test-file go together")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Data: records {prompt, response, rewards: {component: float}} and their token layout
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded task `toy`: Reddit-like questions with one offline reply each, drawn from a noisy mixture of good,
+# toxic, dull, off-topic and word-salad replies. Its exact rewards (§3) make the A-LoL effect measurable offline.
+TOPICS = {"cooking": ["pasta", "bread", "rice", "soup", "eggs"], "fitness": ["running", "squats", "stretching", "protein", "sleep"],
+          "gardening": ["tomatoes", "roses", "compost", "seeds", "weeds"], "cars": ["brakes", "tires", "oil", "battery", "engine"],
+          "pets": ["cats", "dogs", "fish", "birds", "rabbits"], "music": ["guitar", "piano", "drums", "singing", "violin"]}
+QUESTIONS = ["any tips for {n} ?", "how do i get better at {n} ?", "what is the best way to start with {n} ?",
+             "why is {n} so hard for me ?", "what should i know about {n} ?", "is {n} worth the effort ?",
+             "i keep failing at {n} , help ?", "where do i begin with {n} ?", "what do you wish you knew about {n} ?",
+             "how much time should {n} take ?"]
+OPENERS = ["great question !", "good news !", "honestly ,", "in my experience ,", "from what i learned ,"]
+ADVICE = ["try to practice {n} a little every day .", "start slow with {n} and be patient .",
+          "keep notes on your {n} and learn from them .", "ask a friend who knows {n} well .",
+          "watch a few videos about {n} first ."]
+CLOSERS = ["hope this helps !", "you can do it !", "let us know how it goes !", "what have you tried so far ?", "good luck !"]
+TOXIC = ["you are an idiot .", "what a stupid question .", "nobody cares about your {n} , loser .", "shut up , {n} is for morons ."]
+INSULTS = {"idiot", "stupid", "loser", "morons"}
+DULL = ["ok", "lol", "idk", "sure", "meh", "whatever"]
+# Share of (good, toxic, dull, off-topic, salad) per subreddit: the reply quality depends on the prompt, so
+# V(x) has something to learn and A = R - V(x) differs from R - mean(R).
+MIXTURES = [(0.50, 0.10, 0.10, 0.15, 0.15), (0.30, 0.20, 0.20, 0.15, 0.15), (0.10, 0.30, 0.30, 0.15, 0.15)]
+
+
+def _grammar():
+    nouns = [n for ns in TOPICS.values() for n in ns]
+    texts = [f"{o} {a.format(n=n)} {c}" for o in OPENERS for a in ADVICE for c in CLOSERS for n in nouns]
+    texts += [t.format(n=n) for t in TOXIC for n in nouns] + DULL
+    bigrams = {b for t in texts for b in zip(t.split(), t.split()[1:])}
+    return set(nouns), bigrams, sorted({w for t in texts for w in t.split()} - INSULTS)
+
+
+NOUNS, LEGAL_BIGRAMS, WORDS = _grammar()
+
+
+def toy_splits(args: Args) -> dict:
+    """Deterministic by seed. Test prompts are (question, noun) pairs never seen in train or val."""
+    rng = random.Random(args.seed)
+    prompts = [(i % len(MIXTURES), n, f"r/{sub} : {q.format(n=n)}") for i, (sub, ns) in enumerate(TOPICS.items())
+               for n in ns for q in QUESTIONS]
+    rng.shuffle(prompts)
+    held_out, seen = prompts[:len(prompts) // 5], prompts[len(prompts) // 5:]
+
+    def example(pool):
+        mix, noun, prompt = rng.choice(pool)
+        kind = rng.choices(range(5), weights=MIXTURES[mix])[0]
+        other = rng.choice(sorted(NOUNS - {noun}))
+        good = f"{rng.choice(OPENERS)} {rng.choice(ADVICE)} {rng.choice(CLOSERS)}"
+        response = [good.format(n=noun), rng.choice(TOXIC).format(n=noun), rng.choice(DULL), good.format(n=other),
+                    " ".join(rng.choices(WORDS, k=rng.randint(3, 12)))][kind]
+        return {"prompt": prompt, "response": response}
+
+    return {"train": [example(seen) for _ in range(args.n_train)], "val": [example(seen) for _ in range(args.n_val)],
+            "test": [example(held_out) for _ in range(args.n_test)]}
+
+
+def load_jsonl(path: str, flag: str) -> list:
+    """Rows {prompt, response, reward | rewards}. Every error names the file and line."""
+    if not os.path.isfile(path):
+        raise AlolError(f"{flag}: no such file: {path}")
+    import datasets  # only needed for user data; the toy task does not pay for its import
+
+    lines = [i + 1 for i, line in enumerate(open(path, encoding="utf-8")) if line.strip()]
+    try:
+        rows = datasets.load_dataset("json", data_files=path, split="train").to_list()
+    except Exception as e:  # datasets reports a parse error without the line: find it ourselves
+        for lineno, line in enumerate(open(path, encoding="utf-8"), 1):
+            try:
+                line.strip() and json.loads(line)
+            except json.JSONDecodeError as bad:
+                raise AlolError(f"{path}:{lineno}: not valid JSON ({bad.msg})") from None
+        raise AlolError(f"{path}: could not be read as JSONL ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise AlolError(f"{path}: no examples")
+    records = []
+    for lineno, row in zip(lines, rows):
+        where = f"{path}:{lineno}"
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str):
+                raise AlolError(f"{where}: missing field {key!r} (a string)")
+            if not row[key].strip():
+                raise AlolError(f"{where}: empty {key!r}")
+        rewards = row.get("rewards") or ({"reward": row["reward"]} if row.get("reward") is not None else None)
+        if not isinstance(rewards, dict):
+            raise AlolError(f"{where}: missing field 'reward' (a number) or 'rewards' (a dict of numbers)")
+        rewards = {k: v for k, v in rewards.items() if v is not None}  # datasets fills absent dict keys with None
+        for k, v in rewards.items():
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise AlolError(f"{where}: reward {k!r} is not a finite number: {v!r}")
+        records.append({"prompt": row["prompt"], "response": row["response"], "rewards": rewards})
+    return records
+
+
+def encode(records: list, tok, args: Args) -> dict:
+    """One right-padded layout [prompt][response EOS][pad...] for training, scoring and the value head.
+
+    Position t of every [N, L] tensor describes token t; `response_mask[:, t]` marks the response tokens (incl.
+    the final EOS) built from lengths, never from `ids != pad` (GPT-2's pad is its EOS, and EOS is trained).
+    Right padding keeps GPT-2's positions 0..len-1 as in generate(), unlike the official left-padded prompt
+    (shared/notes/algorithm.md §8.2).
+    """
+    prompts = tok([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+    responses = tok([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+    seqs = [(p[-args.max_prompt_len:], r[:args.max_response_len - 1] + [tok.eos_token_id]) for p, r in zip(prompts, responses)]
+    n, width = len(seqs), max(len(p) + len(r) for p, r in seqs)
+    data = {"input_ids": torch.full((n, width), tok.pad_token_id, dtype=torch.long),
+            "prompt_mask": torch.zeros(n, width, dtype=torch.bool), "response_mask": torch.zeros(n, width, dtype=torch.bool)}
+    for i, (p, r) in enumerate(seqs):
+        data["input_ids"][i, :len(p) + len(r)] = torch.tensor(p + r)
+        data["prompt_mask"][i, :len(p)] = True
+        data["response_mask"][i, len(p):len(p) + len(r)] = True
+    data["attention_mask"] = data["prompt_mask"] | data["response_mask"]
+    data["reward"] = torch.tensor([sum(r["rewards"].values()) for r in records], dtype=torch.float)  # (N,) R
+    return data
+
+
+def take(data: dict, idx: torch.Tensor) -> dict:
+    """Rows `idx` of every tensor, cut to the longest of those rows."""
+    width = int(data["attention_mask"][idx].sum(1).max())
+    return {k: v[idx, :width] if v.dim() == 2 else v[idx] for k, v in data.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Rewards: reward_fn(prompts, responses) -> {component: tensor in [0, 1]}; R is their sum
+# ---------------------------------------------------------------------------------------------------------------
+def toy_reward(prompts: list, responses: list) -> dict:
+    """Five exact scores mirroring the paper's five (fluency, safety, engagement, upvotes, diversity)."""
+    scores = {"fluency": [], "safety": [], "engagement": [], "relevance": [], "diversity": []}
+    for prompt, response in zip(prompts, responses):
+        words, topic = response.lower().split(), next((w for w in prompt.split() if w in NOUNS), None)
+        pairs = list(zip(words, words[1:]))
+        scores["fluency"].append(sum(b in LEGAL_BIGRAMS for b in pairs) / len(pairs) if pairs else 0.0)  # grammar
+        scores["safety"].append(float(not INSULTS & set(words)))
+        scores["engagement"].append(float(bool(words) and words[-1] in "!?"))  # invites a reply
+        scores["relevance"].append(float(topic in words))  # on the asked topic
+        scores["diversity"].append(min(len(set(words)) / 10, 1.0))  # distinct words, penalises repetition
+    return {k: torch.tensor(v) for k, v in scores.items()}
+
+
+def load_reward_fn(spec: str):
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise AlolError(f"--reward-fn {spec!r}: cannot import ({e}); expected `module:function`") from None
+
+
+def score(reward_fn, prompts: list, responses: list) -> dict:
+    """The reward function's components, checked to lie in [0, 1], plus their sum under key `reward`."""
+    components = {k: torch.as_tensor(v, dtype=torch.float).cpu() for k, v in reward_fn(prompts, responses).items()}
+    for k, v in components.items():
+        if v.shape != (len(prompts),) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+            raise AlolError(f"reward component {k!r} must be {len(prompts)} finite values in [0, 1]")
+    return {**components, "reward": sum(components.values())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Reference policy pi_ref: the NLL-trained starting point, frozen for the rest of the run
+# ---------------------------------------------------------------------------------------------------------------
+EOS = "<|endoftext|>"
+
+
+def toy_tokenizer(records: list):
+    """Byte-level BPE trained on the task's own text in well under a second (no download)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator([t for r in records for t in (r["prompt"], r["response"])], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
+
+
+def toy_policy(tok, args: Args):
+    """A 2-layer, 128-wide GPT-2 (~0.5 M parameters) trained from scratch: fast on 2 CPU cores."""
+    positions = args.max_prompt_len + max(args.max_response_len, args.eval_max_new_tokens)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=128, n_layer=2, n_head=4,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def load_policy(path: str, args: Args):
+    policy = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return disable_dropout(policy).to(args.device)
+
+
+def load_tokenizer(path: str):
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.pad_token or tok.eos_token  # GPT-2 has no pad token; padding is masked anyway
+    return tok
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off in every pass: the ratio pi/pi_ref must be exactly 1 at step 0 when theta = ref (algorithm.md §8.5)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def token_logprobs(model, batch: dict, args: Args, with_hidden=False):
+    """log pi(y_t | x, y_<t) of every response token, fp32 [B, T], 0 elsewhere; optionally the hidden states.
+
+    The LM head runs inside kernels.linear_token_logprobs, which never materialises the [B, T, V] logits.
+    """
+    ids = batch["input_ids"]
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)  # right padding: 0..len-1 per row
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and ids.is_cuda):
+        hidden = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions).last_hidden_state
+    head = model.get_output_embeddings()
+    # hidden[:, t] scores token t+1: shift here, the kernel expects aligned targets.
+    logp = kernels.linear_token_logprobs(hidden[:, :-1], head.weight, ids[:, 1:], batch["response_mask"][:, 1:],
+                                         bias=head.bias, backend=args.kernel)  # (B, T-1)
+    logp = F.pad(logp, (1, 0))  # (B, T) aligned with the tokens
+    return (logp, hidden) if with_hidden else logp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Value estimate V(x): expected reward of pi_ref on prompt x
+# ---------------------------------------------------------------------------------------------------------------
+class ValueHead(nn.Module):
+    """Attention pooling of the frozen reference's last hidden states over the prompt (the official
+    ValueHeadAttention), with a key-padding mask so V(x) does not depend on padding; sigmoid * max_value."""
+
+    def __init__(self, hidden_size: int, max_value: float):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, hidden_size) / hidden_size ** 0.5)
+        self.attn = nn.MultiheadAttention(hidden_size, math.gcd(8, hidden_size), batch_first=True)
+        self.out, self.max_value = nn.Linear(hidden_size, 1), max_value
+
+    def forward(self, hidden, prompt_mask):  # (B, T, H), (B, T) -> (B,)
+        query = self.query.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
+        pooled = self.attn(query, hidden, hidden, key_padding_mask=~prompt_mask, need_weights=False)[0]  # (B, 1, H)
+        return torch.sigmoid(self.out(pooled[:, 0]).squeeze(-1).float()) * self.max_value
+
+
+@torch.no_grad()
+def prompt_hidden(ref, batch: dict, args: Args):
+    """The reference's last hidden states; with right padding, prompt positions do not see the response."""
+    ids = batch["input_ids"]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and ids.is_cuda):
+        return ref.base_model(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state.float()
+
+
+def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
+    """Paper §2.2: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
+    (algorithm.md §5): the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
+    10 % of the prompts rather than on training MSE."""
+    prompts = sorted({r["prompt"] for r in val_records})
+    samples = generate(ref, tok, [p for p in prompts for _ in range(args.value_samples)], args, sample=True)
+    reward = score(reward_fn, [p for p in prompts for _ in range(args.value_samples)], samples)["reward"]
+    target = reward.view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
+    data = encode([{"prompt": p, "response": "", "rewards": {}} for p in prompts], tok, args)
+    data["attention_mask"] = data["response_mask"] = data["prompt_mask"]  # prompt only
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
+    held, fit = perm[:max(1, len(prompts) // 10)], perm[max(1, len(prompts) // 10):]
+    max_value = len(score(reward_fn, prompts[:1], ["x"])) - 1
+    head = ValueHead(ref.config.hidden_size, max_value).to(args.device)
+    with torch.no_grad():  # start at the mean target: the sigmoid then only has to learn the differences
+        head.out.bias.fill_(torch.logit(target[fit].mean() / max_value, eps=1e-4).item())
+    optim = torch.optim.AdamW(head.parameters(), lr=args.value_lr, weight_decay=0.0)
+
+    def mse(idx, train):
+        batch = {k: v.to(args.device) for k, v in take(data, idx).items()}
+        with torch.set_grad_enabled(train):
+            loss = F.mse_loss(head(prompt_hidden(ref, batch, args), batch["prompt_mask"]), target[idx].to(args.device))
+        if train:
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        return loss.item()
+
+    best = (mse(held, False), 0, {k: v.clone() for k, v in head.state_dict().items()})
+    for epoch in tqdm(range(1, args.value_epochs + 1), desc="value head", leave=False, disable=None):
+        for chunk in fit[torch.randperm(len(fit))].split(32):
+            mse(chunk, True)
+        if (held_mse := mse(held, False)) < best[0]:
+            best = (held_mse, epoch, {k: v.clone() for k, v in head.state_dict().items()})
+    head.load_state_dict(best[2])
+    report = {"heldout_mse": best[0], "best_epoch": best[1], "heldout_mse_of_mean": (target[held] - target[fit].mean()).pow(2).mean().item(),
+              "ref_sample_reward": target.mean().item(), "prompts": len(prompts)}
+    return head.eval(), report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Advantages A = R - V(x), computed once with the frozen reference and cached
+# ---------------------------------------------------------------------------------------------------------------
+def fingerprint(*parts) -> str:
+    """sha256 over tensors (their bytes), models (their weights) and JSON-able settings."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, nn.Module):
+            part = dict(sorted(part.state_dict().items()))
+        for t in part.values() if isinstance(part, dict) and all(torch.is_tensor(v) for v in part.values()) else [part]:
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if torch.is_tensor(t)
+                     else json.dumps(t, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args: Args) -> dict:
+    """Per-token reference log-probs and V(x) for every training example, computed once.
+
+    Valid because pi_ref and the data are both fixed (algorithm.md §8.1): one model in memory instead of the
+    official second copy run every step. The cache key covers every input, so a changed model, data or setting
+    can never reuse stale values (the silent-bug class of huggingface/trl#1962).
+    """
+    settings = {k: getattr(args, k) for k in ("seed", "value_samples", "value_epochs", "value_lr", "max_prompt_len",
+                                               "max_response_len", "eval_max_new_tokens", "reward_fn", "task")}
+    val_ids = encode(val_records, tok, args)["input_ids"]
+    key = fingerprint(ref, {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}, {"v": val_ids}, settings)
+    path = os.path.join(args.cache_dir, f"frozen-{key}.pt")
+    if os.path.exists(path):
+        print(f"reference log-probs and V(x): loaded from cache {path}")
+        return torch.load(path)
+    head, report = train_value_head(ref, tok, val_records, reward_fn, args)
+    ref_logp, value = torch.zeros(train["input_ids"].shape), torch.zeros(len(train["reward"]))
+    with torch.no_grad():
+        for idx in tqdm(torch.arange(len(value)).split(args.eval_batch_size), desc="reference log-probs", leave=False, disable=None):
+            batch = {k: v.to(args.device) for k, v in take(train, idx).items()}
+            logp, hidden = token_logprobs(ref, batch, args, with_hidden=True)
+            ref_logp[idx, :logp.shape[1]] = logp.float().cpu()  # (b, T) log pi_ref(y_t|...)
+            value[idx] = head(hidden.float(), batch["prompt_mask"]).cpu()  # (b,) V(x)
+    frozen = {"ref_logp": ref_logp, "value": value, "value_report": report, "key": key}
+    os.makedirs(args.cache_dir, exist_ok=True)
+    torch.save(frozen, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"reference log-probs and V(x): computed and cached in {path}")
+    return frozen
+
+
+def advantage_stats(advantage: torch.Tensor) -> dict:
+    q = torch.quantile(advantage, torch.tensor([0.1, 0.5, 0.9]))
+    return {"mean": advantage.mean().item(), "std": advantage.std().item(), "min": advantage.min().item(),
+            "p10": q[0].item(), "median": q[1].item(), "p90": q[2].item(), "max": advantage.max().item(),
+            "frac_positive": (advantage > 0).float().mean().item()}
+
+
+def sampling_schedule(n: int, weights, epochs: int, per_step: int, seed: int) -> torch.Tensor:
+    """Example indices for every optimiser step, [steps, per_step], drawn up front from a seeded generator so
+    that a resumed run replays exactly the same batches. weights=None: shuffled epochs over all n examples.
+    Otherwise priority sampling (paper §2.3): only examples with weight > 0, drawn i.i.d. with P(i) ~ weight_i."""
+    g = torch.Generator().manual_seed(seed)
+    kept = n if weights is None else int((weights > 0).sum())
+    steps = epochs * math.ceil(kept / per_step)
+    if weights is None:
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs + 1)])
+    else:
+        order = torch.multinomial(weights, steps * per_step, replacement=True, generator=g)
+    return order[:steps * per_step].view(steps, per_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. The loss family
+# ---------------------------------------------------------------------------------------------------------------
+def alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.9, kl_beta=0.1, return_stats=False):
+    """A-LoL and its baselines (Baheti et al., ICLR 2024, https://arxiv.org/abs/2305.14718, Eq. 4-6).
+
+    Formula (A-LoL):  loss = -(1/B) sum_b  sg[clip(rho_b, 1-eps, 1+eps)] * A+_b * sum_t m_bt * logp_bt
+    Where: rho_b = pi_theta(y|x) / pi_ref(y|x) = exp(sum_t m_bt (logp_bt - ref_logp_bt)), A+_b = max(R_b - V_b, 0),
+    sg = stop-gradient. Other algos change the weight (official semantics, shared/notes/algorithm.md §3):
+    nll 1, wbc R, r_gold R * sg[max(pi_t, 0.1)] per token, r_lol sg[clip(rho)] * R, a_lol_ref_free A+,
+    a_lol_seq A+ * sg[clip(rho_t)] per token, a_lol_kl A+ plus beta * (log pi_theta(y|x) - log pi_ref(y|x)).
+    Shapes: logp (with grad), ref_logp, mask: [B, T]; reward R, value V: [B]. Returns a scalar; the sum over
+    tokens is not length-normalised. clip_eps=None: no clip. With return_stats, also {ratio, clip_frac, adv}.
+    """
+    if clip_eps is not None and clip_eps <= 0:
+        raise ValueError("clip_eps must be > 0, or None for no clipping")
+    on = mask.bool()
+    logp, ref_logp = logp.masked_fill(~on, 0.0), ref_logp.masked_fill(~on, 0.0)  # masked entries: exactly nothing
+    token_log_ratio = logp.detach() - ref_logp  # (B, T) log rho_t; weights are constants in autograd
+    log_ratio = token_log_ratio if algo == "a_lol_seq" else token_log_ratio.sum(-1)  # (B, T) or (B,)
+    # Clamp in log space before exp: a 128-token sum overflows exp() (inf * 0 = NaN at A = 0). For eps < 1 this is
+    # exactly clip(exp(.), 1-eps, 1+eps); with no clip, +-20 is a guard the official code lacks (algorithm.md §8.3).
+    lo, hi = (-20.0, 20.0) if clip_eps is None else (math.log(1 - clip_eps) if clip_eps < 1 else -math.inf, math.log1p(clip_eps))
+    ratio = log_ratio.clamp(lo, hi).exp()  # (B,) or (B, T)
+    adv = (reward - value).clamp(min=0)  # (B,) A+
+    match algo:  # the weight of each sequence's (or token's) log-prob; a constant in autograd
+        case "nll": weight = torch.ones_like(reward)  # (B,)
+        case "wbc": weight = reward
+        case "r_gold": weight = reward[:, None] * logp.detach().exp().clamp(min=0.1)  # (B, T) GOLD's pi_theta(y_t)
+        case "r_lol": weight = ratio * reward
+        case "a_lol": weight = ratio * adv
+        case "a_lol_ref_free" | "a_lol_kl": weight = adv
+        case "a_lol_seq": weight = adv[:, None] * ratio  # (B, T) per-token ratios, not their product
+        case _: raise ValueError(f"unknown algo {algo!r}")
+    loss = -((weight if weight.dim() == 2 else weight[:, None]) * logp).sum(-1).mean()
+    if algo == "a_lol_kl":  # + beta * log(pi_theta(y|x) / pi_ref(y|x)) on the data response, with gradient
+        loss = loss + kl_beta * (logp - ref_logp).sum(-1).mean()
+    if not return_stats:
+        return loss
+    on = on if ratio.dim() == 2 else torch.ones_like(ratio, dtype=torch.bool)  # stats over real tokens only
+    clipped = ((log_ratio < lo) | (log_ratio > hi))[on]
+    return loss, {"ratio": ratio[on].mean().item(), "clip_frac": clipped.float().mean().item(), "adv": adv.mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Training loop: one loop for the NLL reference and for every method
+# ---------------------------------------------------------------------------------------------------------------
+def write_atomic(path: str, text: str):
+    """Write to a temporary file and rename, so an interrupted run never leaves a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(policy, tok, optim, sched, step: int, ckpt: str):
+    """`save_pretrained` format (loadable with from_pretrained) plus the optimiser state for --resume."""
+    shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
+    policy.save_pretrained(ckpt + ".tmp")
+    tok.save_pretrained(ckpt + ".tmp")
+    torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step},
+               os.path.join(ckpt + ".tmp", "trainer_state.pt"))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(ckpt + ".tmp", ckpt)
+
+
+def accumulate_gradients(policy, data: dict, indices: torch.Tensor, algo: str, args: Args) -> dict:
+    """Backward of one optimiser step's batch in `grad_accum` micro-batches; returns the mean statistics."""
+    stats = []
+    for idx in indices.chunk(args.grad_accum):
+        batch = {k: v.to(args.device) for k, v in take(data, idx).items()}
+        logp = token_logprobs(policy, batch, args)  # (B, T) with grad
+        ref_logp = batch.get("ref_logp", logp.detach())  # NLL reference stage: no reference yet
+        value = batch.get("value", torch.zeros_like(batch["reward"]))
+        loss, s = alol_loss(logp, ref_logp, batch["response_mask"], batch["reward"], value, algo, args.clip_eps,
+                            args.kl_beta, return_stats=True)
+        # Divide by the micro-batch count: the update is the mean over the whole batch, as one big batch would
+        # give (the official code summed micro-batch means; huggingface/trl#2615).
+        (loss / args.grad_accum).backward()
+        stats.append({"loss": loss.item(), **s})
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
+def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, epochs: int, lr: float, weights=None):
+    """Train `policy` in place with `algo` for `epochs`, checkpointing to run_dir/checkpoint; with --resume,
+    continue from that checkpoint (same batches, same optimiser state: the weights end up identical)."""
+    schedule = sampling_schedule(len(data["reward"]), weights, epochs, args.batch_size * args.grad_accum, args.seed)
+    optim = torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-8, weight_decay=args.weight_decay)
+    # Linear decay over optimiser steps; the official schedule counted micro-batches and ended at half the LR.
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(schedule))
+    ckpt, log_path, start = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "log.jsonl"), 0
+    os.makedirs(run_dir, exist_ok=True)
+    if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+        policy.load_state_dict(load_policy(ckpt, args).state_dict())
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"))
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        rows = [r for r in open(log_path)] if os.path.exists(log_path) else []
+        write_atomic(log_path, "".join(r for r in rows if json.loads(r)["step"] <= start))
+    policy.train()
+    with open(log_path, "a" if start else "w") as log:
+        bar = tqdm(range(start, len(schedule)), desc=f"train {algo}", initial=start, total=len(schedule),
+                   dynamic_ncols=True, disable=None)  # disable=None: no bar when stderr is not a terminal
+        for step in bar:
+            stats = accumulate_gradients(policy, data, schedule[step], algo, args)
+            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+            row = {"step": step + 1, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **stats}
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            log.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}", adv=f"{row['adv']:.2f}")
+            if (step + 1) % args.save_every == 0 or step + 1 == len(schedule):
+                log.flush()
+                save_checkpoint(policy, tok, optim, sched, step + 1, ckpt)
+    return policy.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. Evaluation: generate on the test prompts and score with the same reward function
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
+    """Pure sampling (temperature 1, no top-k/top-p: the policy's own distribution) or the deterministic decode."""
+    model.eval()
+    if sample:
+        torch.manual_seed(args.seed)  # the same draws whatever ran before
+        decode = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    else:
+        decode = {"do_sample": False, "num_beams": args.eval_num_beams, "repetition_penalty": args.eval_repetition_penalty}
+    responses = []
+    for i in range(0, len(prompts), args.eval_batch_size):
+        # Left padding and left truncation for generation: new tokens are appended at the right end.
+        enc = tok(prompts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True,
+                  max_length=args.max_prompt_len, add_special_tokens=False).to(args.device)
+        out = model.generate(**enc, max_new_tokens=args.eval_max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, **decode)
+        responses += [r.strip() for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return responses
+
+
+def text_metrics(responses: list, scores: dict) -> dict:
+    """Mean reward and components; distinct-n = unique / total n-grams over all responses; length in words."""
+    words = [r.lower().split() for r in responses]
+
+    def distinct(n):
+        grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
+        return len(set(grams)) / max(len(grams), 1)
+
+    return {"reward": scores["reward"].mean().item(), "components": {k: v.mean().item() for k, v in scores.items() if k != "reward"},
+            "distinct_1": distinct(1), "distinct_2": distinct(2), "distinct_3": distinct(3),
+            "length": sum(map(len, words)) / max(len(words), 1)}
+
+
+def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str) -> dict:
+    """Sampled and deterministic generations on the test prompts; every generation is kept in generations.jsonl."""
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if args.resume and os.path.exists(metrics_path):
+        return json.load(open(metrics_path))
+    prompts = [r["prompt"] for r in test_records]
+    sampled, greedy = generate(model, tok, prompts, args, sample=True), generate(model, tok, prompts, args, sample=False)
+    scores, greedy_reward = score(reward_fn, prompts, sampled), score(reward_fn, prompts, greedy)["reward"]
+    metrics = text_metrics(sampled, scores)
+    metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics}
+    os.makedirs(run_dir, exist_ok=True)
+    write_atomic(os.path.join(run_dir, "generations.jsonl"), "".join(
+        json.dumps({"prompt": p, "sampled": s, "greedy": g, "reward_sampled": r.item(), "reward_greedy": rg.item()}) + "\n"
+        for p, s, g, r, rg in zip(prompts, sampled, greedy, scores["reward"], greedy_reward)))
+    write_atomic(metrics_path, json.dumps(metrics, indent=1))
+    return metrics
+
+
+def report(results: dict, advantage: torch.Tensor, out_dir: str):
+    """results.json, results.md (the printed table) and results.png (reward per method, advantage histogram)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {"data": {**results["data"], "reward_sampled": results["data"]["reward"]}, "reference": results["reference"],
+            **results["methods"]}
+    comps = list(results["data"]["components"])
+    head = ["", "reward (sampled)", "reward (greedy)", *comps, "distinct-1", "distinct-2", "length"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows.items():
+        cells = [m["reward_sampled"], m.get("reward_greedy"), *(m["components"].get(c) for c in comps), m["distinct_1"],
+                 m["distinct_2"], m["length"]]
+        lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    table = "\n".join(lines)
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
+    write_atomic(os.path.join(out_dir, "results.md"), f"# A-LoL results: task {results['task']}, seed {results['seed']}\n\n"
+                 f"Mean over {results['n_test']} test prompts; components and distinct-n of the sampled generations.\n\n{table}\n")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    left.bar(list(rows), [m["reward_sampled"] for m in rows.values()], color="tab:blue", label="sampled")
+    left.plot(list(rows)[1:], [m["reward_greedy"] for m in list(rows.values())[1:]], "o", color="tab:orange", label="greedy")
+    left.set(ylabel="mean test reward", title="reward of test generations")
+    left.tick_params(axis="x", rotation=30)
+    left.legend()
+    right.hist(advantage.numpy(), bins=60, color="tab:gray")
+    right.axvline(0, color="black")
+    right.set(xlabel="A = R - V(x)", ylabel="training examples",
+              title=f"advantages: {(advantage > 0).float().mean():.0%} positive (kept by A-LoL)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)
+    plt.close(fig)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. main: the reference stage once, then every method from the same reference and cached quantities
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    splits: object  # args -> {"train", "val", "test": [records]}; records without rewards are scored by reward_fn
+    reward_fn: object  # args -> reward_fn(prompts, responses)
+    tokenizer: object  # train records -> tokenizer, when neither --model nor --ref-model is given
+    policy: object  # (tokenizer, args) -> a fresh model, idem
+
+
+TASKS = {"toy": Task(toy_splits, lambda args: toy_reward, toy_tokenizer, toy_policy)}
+
+
+def prepare_out_dir(args: Args) -> str:
+    """Refuse to mix runs: an --out-dir holding a different run is kept unless --overwrite."""
+    out = args.out_dir or os.path.join("runs", f"{args.task}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    identity = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_RUN_IDENTITY}
+    config_path = os.path.join(out, "config.json")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        old = json.load(open(config_path)) if os.path.exists(config_path) else {}
+        differ = [k for k in identity if old.get(k, "<missing>") != identity[k]]
+        if differ:
+            raise AlolError(f"--out-dir {out} already holds a different run (differs in: {', '.join(differ[:6])}); "
+                            "pass --overwrite to replace it, or choose another --out-dir")
+        if not args.resume:
+            raise AlolError(f"--out-dir {out} already holds this run; pass --resume to continue it or --overwrite to restart")
+    if args.overwrite:
+        shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out, exist_ok=True)
+    write_atomic(config_path, json.dumps(dataclasses.asdict(args), indent=1))
+    return out
+
+
+def main(args: Args) -> dict:
+    algos = ALGOS if args.algo == "all" else args.algo.split(",")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    task = TASKS[args.task]
+    # Everything that can fail on bad input happens before the run directory is touched.
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else task.reward_fn(args)
+    if args.train_file:
+        splits = {s: load_jsonl(getattr(args, f"{s}_file"), f"--{s}-file") for s in ("train", "val", "test")}
+    else:
+        splits = task.splits(args)
+    for records in splits.values():
+        if any("rewards" not in r for r in records):
+            scores = score(reward_fn, [r["prompt"] for r in records], [r["response"] for r in records])
+            for i, r in enumerate(records):
+                r["rewards"] = {k: v[i].item() for k, v in scores.items() if k != "reward"}
+    out_dir = prepare_out_dir(args)
+    print("config:", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), f"\nrun directory: {out_dir}")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # 4. Reference policy: given, or NLL on the training data from the initial policy (paper §3)
+    source = args.ref_model or args.model
+    tok = load_tokenizer(source) if source else task.tokenizer(splits["train"])
+    tok.padding_side = tok.truncation_side = "left"  # for generate(); encode() lays out its own right padding
+    train = encode(splits["train"], tok, args)
+    ref_dir = os.path.join(out_dir, "reference")
+    if args.ref_model:
+        ref = load_policy(args.ref_model, args)
+    else:
+        init = load_policy(args.model, args) if args.model else disable_dropout(task.policy(tok, args)).to(args.device)
+        ref = train_policy(init, tok, train, "nll", ref_dir, args, args.ref_epochs, args.ref_lr)
+    ref.requires_grad_(False)
+    test = splits["test"]
+    data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
+    results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
+               "data": text_metrics([r["response"] for r in test], {**data_scores, "reward": sum(data_scores.values())}),
+               "reference": evaluate(ref, tok, test, reward_fn, args, ref_dir)}
+    print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
+          f"{results['reference']['reward_sampled']:.3f} sampled, {results['reference']['reward_greedy']:.3f} greedy")
+
+    # 5-6. V(x) and the advantages of the training data, with the frozen reference
+    frozen = frozen_quantities(ref, tok, train, splits["val"], reward_fn, args)
+    del ref  # the methods need only the cached quantities: one model in memory from here on
+    advantage = train["reward"] - frozen["value"]  # (N,) A = R - V(x)
+    train.update(ref_logp=frozen["ref_logp"], value=frozen["value"])
+    results.update(value=frozen["value_report"], advantage=advantage_stats(advantage))
+    v, a = results["value"], results["advantage"]
+    print(f"value head: held-out MSE {v['heldout_mse']:.3f} (a constant predictor: {v['heldout_mse_of_mean']:.3f}); "
+          f"A = R - V: mean {a['mean']:+.3f}, median {a['median']:+.3f}, {a['frac_positive']:.1%} positive "
+          f"({int((advantage > 0).sum())} of {len(advantage)} examples kept by A-LoL)")
+    if any(algo.startswith("a_lol") for algo in algos) and not (advantage > 0).any():
+        raise AlolError(f"every training advantage A = R - V(x) is <= 0 (max {advantage.max():.3f}): the reference policy "
+                        "already earns at least the reward of every offline response, so A-LoL has nothing to learn "
+                        f"from. Check the rewards of --train-file, or use a weaker reference. Run kept in {out_dir}.")
+
+    # 7-9. Each method from the same reference, then its evaluation
+    results["methods"] = {}
+    for algo in algos:
+        policy = load_policy(args.ref_model or os.path.join(ref_dir, "checkpoint"), args)
+        weights = advantage.clamp(min=0) if algo.startswith("a_lol") and args.priority_sampling else None
+        start = time.time()
+        train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr, weights)
+        results["methods"][algo] = {**evaluate(policy, tok, test, reward_fn, args, os.path.join(out_dir, algo)),
+                                    "train_seconds": round(time.time() - start, 1)}
+        print(f"{algo}: reward {results['methods'][algo]['reward_sampled']:.3f} sampled, "
+              f"{results['methods'][algo]['reward_greedy']:.3f} greedy")
+        del policy
+    table = report(results, advantage, out_dir)
+    print(f"\n{table}\n\nresults: {out_dir}/results.json, results.md, results.png")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except AlolError as e:
+        sys.exit(f"error: {e}")
