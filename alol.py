@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field, fields
 
@@ -120,8 +121,9 @@ def parse_args(argv=None) -> Args:
             typ = optional_float if f.name == "clip_eps" else kind
             group.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
                                choices=list(TASK_PRESETS) if f.name == "task" else None)
-    task = p.parse_known_args(argv)[0].task
-    p.set_defaults(**TASK_PRESETS[task])
+    pre = argparse.ArgumentParser(add_help=False)  # the task first: its preset sets the defaults --help shows
+    pre.add_argument("--task", default=Args.task)
+    p.set_defaults(**TASK_PRESETS.get(pre.parse_known_args(argv)[0].task, {}))
     args = Args(**vars(p.parse_args(argv)))
     unknown = [a for a in args.algo.split(",") if a not in ALGOS + ["all"]]
     if unknown:
@@ -268,7 +270,7 @@ def toy_reward(prompts: list, responses: list) -> dict:
         pairs = list(zip(words, words[1:]))
         scores["fluency"].append(sum(b in LEGAL_BIGRAMS for b in pairs) / len(pairs) if pairs else 0.0)  # grammar
         scores["safety"].append(float(not INSULTS & set(words)))
-        scores["engagement"].append(float(bool(words) and words[-1] in "!?"))  # invites a reply
+        scores["engagement"].append(float(bool(words) and words[-1] in ("!", "?")))  # invites a reply
         scores["relevance"].append(float(topic in words))  # on the asked topic
         scores["diversity"].append(min(len(set(words)) / 10, 1.0))  # distinct words, penalises repetition
     return {k: torch.tensor(v) for k, v in scores.items()}
@@ -311,7 +313,7 @@ def toy_policy(tok, args: Args):
     """A 2-layer, 128-wide GPT-2 (~0.5 M parameters) trained from scratch: fast on 2 CPU cores."""
     positions = args.max_prompt_len + max(args.max_response_len, args.eval_max_new_tokens)
     config = transformers.GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=128, n_layer=2, n_head=4,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -334,21 +336,25 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def token_logprobs(model, batch: dict, args: Args, with_hidden=False):
-    """log pi(y_t | x, y_<t) of every response token, fp32 [B, T], 0 elsewhere; optionally the hidden states.
+def hidden_states(model, batch: dict, args: Args):
+    """Last-layer hidden states [B, T, H] of a right-padded batch; positions 0..len-1 in every row, as in generate()."""
+    ids = batch["input_ids"]
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and ids.is_cuda):
+        return model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions).last_hidden_state
+
+
+def token_logprobs(model, batch: dict, args: Args, hidden=None):
+    """log pi(y_t | x, y_<t) of every response token, fp32 [B, T] aligned with the tokens, 0 elsewhere.
 
     The LM head runs inside kernels.linear_token_logprobs, which never materialises the [B, T, V] logits.
     """
-    ids = batch["input_ids"]
-    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)  # right padding: 0..len-1 per row
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and ids.is_cuda):
-        hidden = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions).last_hidden_state
+    hidden = hidden_states(model, batch, args) if hidden is None else hidden  # (B, T, H)
     head = model.get_output_embeddings()
     # hidden[:, t] scores token t+1: shift here, the kernel expects aligned targets.
-    logp = kernels.linear_token_logprobs(hidden[:, :-1], head.weight, ids[:, 1:], batch["response_mask"][:, 1:],
-                                         bias=head.bias, backend=args.kernel)  # (B, T-1)
-    logp = F.pad(logp, (1, 0))  # (B, T) aligned with the tokens
-    return (logp, hidden) if with_hidden else logp
+    logp = kernels.linear_token_logprobs(hidden[:, :-1], head.weight, batch["input_ids"][:, 1:],
+                                         batch["response_mask"][:, 1:], bias=head.bias, backend=args.kernel)  # (B, T-1)
+    return F.pad(logp, (1, 0))  # (B, T): no token scores the first one
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,27 +376,19 @@ class ValueHead(nn.Module):
         return torch.sigmoid(self.out(pooled[:, 0]).squeeze(-1).float()) * self.max_value
 
 
-@torch.no_grad()
-def prompt_hidden(ref, batch: dict, args: Args):
-    """The reference's last hidden states; with right padding, prompt positions do not see the response."""
-    ids = batch["input_ids"]
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and ids.is_cuda):
-        return ref.base_model(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state.float()
-
-
 def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
     """Paper §2.2: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
     (algorithm.md §5): the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
     10 % of the prompts rather than on training MSE."""
     prompts = sorted({r["prompt"] for r in val_records})
-    samples = generate(ref, tok, [p for p in prompts for _ in range(args.value_samples)], args, sample=True)
-    reward = score(reward_fn, [p for p in prompts for _ in range(args.value_samples)], samples)["reward"]
-    target = reward.view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
+    repeated = [p for p in prompts for _ in range(args.value_samples)]
+    scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=True))
+    target = scores["reward"].view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
+    # Causal attention: the prompt positions' hidden states are the same with or without a response after them.
     data = encode([{"prompt": p, "response": "", "rewards": {}} for p in prompts], tok, args)
-    data["attention_mask"] = data["response_mask"] = data["prompt_mask"]  # prompt only
     perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
     held, fit = perm[:max(1, len(prompts) // 10)], perm[max(1, len(prompts) // 10):]
-    max_value = len(score(reward_fn, prompts[:1], ["x"])) - 1
+    max_value = len(scores) - 1  # every component lies in [0, 1]
     head = ValueHead(ref.config.hidden_size, max_value).to(args.device)
     with torch.no_grad():  # start at the mean target: the sigmoid then only has to learn the differences
         head.out.bias.fill_(torch.logit(target[fit].mean() / max_value, eps=1e-4).item())
@@ -399,7 +397,9 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
     def mse(idx, train):
         batch = {k: v.to(args.device) for k, v in take(data, idx).items()}
         with torch.set_grad_enabled(train):
-            loss = F.mse_loss(head(prompt_hidden(ref, batch, args), batch["prompt_mask"]), target[idx].to(args.device))
+            with torch.no_grad():
+                hidden = hidden_states(ref, batch, args).float()  # (b, T, H) of the frozen reference
+            loss = F.mse_loss(head(hidden, batch["prompt_mask"]), target[idx].to(args.device))
         if train:
             optim.zero_grad()
             loss.backward()
@@ -422,14 +422,13 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
 # 6. Advantages A = R - V(x), computed once with the frozen reference and cached
 # ---------------------------------------------------------------------------------------------------------------
 def fingerprint(*parts) -> str:
-    """sha256 over tensors (their bytes), models (their weights) and JSON-able settings."""
+    """sha256 over models (their weights) and dicts of tensors (their bytes) or JSON-able settings."""
     h = hashlib.sha256()
     for part in parts:
-        if isinstance(part, nn.Module):
-            part = dict(sorted(part.state_dict().items()))
-        for t in part.values() if isinstance(part, dict) and all(torch.is_tensor(v) for v in part.values()) else [part]:
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if torch.is_tensor(t)
-                     else json.dumps(t, sort_keys=True, default=str).encode())
+        for name, value in sorted((part.state_dict() if isinstance(part, nn.Module) else part).items()):
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if torch.is_tensor(value)
+                     else json.dumps(value).encode())
     return h.hexdigest()[:20]
 
 
@@ -443,7 +442,7 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
     settings = {k: getattr(args, k) for k in ("seed", "value_samples", "value_epochs", "value_lr", "max_prompt_len",
                                                "max_response_len", "eval_max_new_tokens", "reward_fn", "task")}
     val_ids = encode(val_records, tok, args)["input_ids"]
-    key = fingerprint(ref, {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}, {"v": val_ids}, settings)
+    key = fingerprint(ref, {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}, {"val": val_ids}, settings)
     path = os.path.join(args.cache_dir, f"frozen-{key}.pt")
     if os.path.exists(path):
         print(f"reference log-probs and V(x): loaded from cache {path}")
@@ -453,8 +452,8 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
     with torch.no_grad():
         for idx in tqdm(torch.arange(len(value)).split(args.eval_batch_size), desc="reference log-probs", leave=False, disable=None):
             batch = {k: v.to(args.device) for k, v in take(train, idx).items()}
-            logp, hidden = token_logprobs(ref, batch, args, with_hidden=True)
-            ref_logp[idx, :logp.shape[1]] = logp.float().cpu()  # (b, T) log pi_ref(y_t|...)
+            hidden = hidden_states(ref, batch, args)  # (b, T, H): one pass gives log-probs and V's input
+            ref_logp[idx, :hidden.shape[1]] = token_logprobs(ref, batch, args, hidden).cpu()  # (b, T) log pi_ref(y_t|..)
             value[idx] = head(hidden.float(), batch["prompt_mask"]).cpu()  # (b,) V(x)
     frozen = {"ref_logp": ref_logp, "value": value, "value_report": report, "key": key}
     os.makedirs(args.cache_dir, exist_ok=True)
@@ -678,7 +677,8 @@ def report(results: dict, advantage: torch.Tensor, out_dir: str):
     write_atomic(os.path.join(out_dir, "results.md"), f"# A-LoL results: task {results['task']}, seed {results['seed']}\n\n"
                  f"Mean over {results['n_test']} test prompts; components and distinct-n of the sampled generations.\n\n{table}\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    left.bar(list(rows), [m["reward_sampled"] for m in rows.values()], color="tab:blue", label="sampled")
+    bars = left.bar(list(rows), [m["reward_sampled"] for m in rows.values()], color="tab:blue", label="sampled")
+    left.bar_label(bars, fmt="%.2f")
     left.plot(list(rows)[1:], [m["reward_greedy"] for m in list(rows.values())[1:]], "o", color="tab:orange", label="greedy")
     left.set(ylabel="mean test reward", title="reward of test generations")
     left.tick_params(axis="x", rotation=30)
@@ -743,7 +743,8 @@ def main(args: Args) -> dict:
             for i, r in enumerate(records):
                 r["rewards"] = {k: v[i].item() for k, v in scores.items() if k != "reward"}
     out_dir = prepare_out_dir(args)
-    print("config:", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), f"\nrun directory: {out_dir}")
+    print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
+                        subsequent_indent="  "), f"\nrun directory: {out_dir}")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
