@@ -172,7 +172,9 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_part_ptr, zy_part_ptr, N,
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-    tl.store(lse_part_ptr + split * N + rows, m + tl.log(s), mask=row_ok)
+    # s >= 1 once a tile was seen (its maximum contributes exp(0)); an empty split keeps m = -inf, and
+    # max(s, 1) spares it a log(0).
+    tl.store(lse_part_ptr + split * N + rows, m + tl.log(tl.maximum(s, 1.0)), mask=row_ok)
     tl.store(zy_part_ptr + split * N + rows, z_y, mask=row_ok)
 
 
