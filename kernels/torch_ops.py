@@ -34,6 +34,11 @@ TILE_BYTES = 32 * 2**20
 # token chunk, so fewer, longer chunks mean less memory traffic.
 MAX_CHUNK_TOKENS = 4096
 
+# The public functions run these autograd Functions with autocast off. custom_fwd/custom_bwd replay that state in
+# the backward, so a backward() called inside a CUDA autocast region cannot turn fp32 GEMMs into bf16 ones.
+amp_fwd = torch.amp.custom_fwd(device_type="cuda")
+amp_bwd = torch.amp.custom_bwd(device_type="cuda")
+
 
 def _spans(n, size):
     return [(i, min(i + size, n)) for i in range(0, n, size)]
@@ -48,6 +53,7 @@ class TokenLogprobs(torch.autograd.Function):
     """logp[n] = log_softmax(logits[b_idx[n], t_idx[n]])[y[n]], reading only the listed rows."""
 
     @staticmethod
+    @amp_fwd
     def forward(ctx, logits, b_idx, t_idx, y, chunk_rows):
         acc = _acc_dtype(logits.dtype)
         lse = torch.empty(y.shape[0], dtype=acc, device=logits.device)
@@ -61,6 +67,7 @@ class TokenLogprobs(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @amp_bwd
     def backward(ctx, g):
         logits, b_idx, t_idx, y, lse = ctx.saved_tensors
         # Autograd wants a full [B, T, V] gradient; rows outside the mask are zero.
@@ -86,6 +93,7 @@ class LinearLogprobs(torch.autograd.Function):
     """logp[n] = log_softmax(h[n] @ W.T + b)[y[n]] without the [N, V] logits: token x vocab tiles."""
 
     @staticmethod
+    @amp_fwd
     def forward(ctx, h, weight, bias, y, chunk_tokens, chunk_vocab):
         acc = _acc_dtype(h.dtype)
         lse = torch.full((h.shape[0],), -torch.inf, dtype=acc, device=h.device)
@@ -105,13 +113,16 @@ class LinearLogprobs(torch.autograd.Function):
         return target - lse
 
     @staticmethod
+    @amp_bwd
     def backward(ctx, g):
         h, weight, bias, y, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         chunk_tokens, chunk_vocab = ctx.chunks
         acc, g = lse.dtype, g.to(lse.dtype)
-        dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+        # beta=0 on the first write of each slice (vocab chunk 0 for dh, token chunk 0 for dw) lets the GEMMs
+        # overwrite uninitialised memory instead of zero-filling dW (V*H floats) and reading it back.
+        dh = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
+        dw = (torch.empty if h.shape[0] else torch.zeros)(weight.shape, dtype=acc, device=h.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
         for i, j in _spans(h.shape[0], chunk_tokens):
             hc = h[i:j].to(acc)
@@ -119,9 +130,9 @@ class LinearLogprobs(torch.autograd.Function):
                 # Dense part of dz: -g * p, with p recomputed from h, W and the saved lse.
                 dz = _logits_chunk(hc, weight, bias, v0, v1).sub_(lse[i:j, None]).exp_().mul_(-g[i:j, None])
                 if need_h:
-                    dh[i:j].addmm_(dz, weight[v0:v1].to(acc))
+                    dh[i:j].addmm_(dz, weight[v0:v1].to(acc), beta=0 if v0 == 0 else 1)
                 if need_w:
-                    dw[v0:v1].addmm_(dz.T, hc)
+                    dw[v0:v1].addmm_(dz.T, hc, beta=0 if i == 0 else 1)
                 if need_b:
                     db[v0:v1] += dz.sum(dim=0)
         # Sparse part of dz: +g at each token's target (index_put_ accumulates; CPU index_add_ is several x slower).

@@ -7,14 +7,17 @@ What you will learn here:
   * a backward pass that recomputes logits tiles, forms dZ = g * (onehot - p) and hands the two big matmuls
     (dH = dZ W, dW = dZ^T H) to cuBLAS.
 
-Why the naive path costs what it costs (N response tokens, vocabulary V, hidden H; GPT-2 medium: N = 2048,
-V = 50257, H = 1024, bf16):
-    z = h @ W.T (bf16)             2NHV FLOPs, writes N*V*2 B          206 MB
-    z.float().log_softmax(-1)      reads 206 MB, writes 2 x 412 MB     fp32 copy + saved output
-    gather + backward              writes a 412 MB gradient, reads the saved output again
-About 1.6 GB of traffic and three logits-sized buffers alive at once, to produce N floats. The fused forward
-below reads h and W once per tile (N*H + V*H elements per vocab split), keeps the logits tile in fp32
-registers, and writes 2 floats per token and split.
+Why the naive path costs what it costs (N tokens, vocabulary V, hidden H; GPT-2 medium: N = 2048, V = 50257,
+H = 1024, bf16, so one [N, V] buffer is 206 MB in bf16 and 412 MB in fp32):
+    z = h @ W.T                 2NHV FLOPs; writes 206 MB
+    z.float()                   reads 206 MB, writes 412 MB
+    log_softmax(-1)             reads 412 MB twice (max, sum of exp), writes 412 MB (saved for the backward)
+    gather backward             writes 412 MB (zeros, then g at the targets)
+    log_softmax backward        reads 824 MB, writes 412 MB; the cast back to bf16 reads 412 MB, writes 206 MB
+About 4.3 GB of traffic, ~1.4 ms at 3 TB/s: twice the 0.64 ms its three GEMMs (6NHV) take at the 798 TFLOP/s an
+H100 reaches, with three logits-sized buffers alive at once, to produce N floats. The fused forward keeps each
+logits tile in fp32 registers and writes 2 floats per token and vocabulary split; what reaches memory is the
+GEMM's own operand traffic. Its backward spends 2NHV more FLOPs recomputing the tiles instead of storing them.
 
 Triton on CPU (TRITON_INTERPRET=1, the tests): the interpreter reads TRITON_INTERPRET when `@triton.jit` runs, so
 set it before importing this module; bf16 `tl.dot` is wrong there (bf16 is emulated as uint16), so operands
@@ -24,6 +27,8 @@ autotuning needs a GPU, so the interpreter gets a single config.
 import torch
 import triton
 import triton.language as tl
+
+from .torch_ops import amp_bwd, amp_fwd
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -85,6 +90,7 @@ def _logits_bwd_kernel(z_ptr, dz_ptr, b_idx_ptr, t_idx_ptr, y_ptr, lse_ptr, g_pt
 
 class TokenLogprobs(torch.autograd.Function):
     @staticmethod
+    @amp_fwd
     def forward(ctx, logits, b_idx, t_idx, y):
         n, V = y.shape[0], logits.shape[-1]
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -97,6 +103,7 @@ class TokenLogprobs(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @amp_bwd
     def backward(ctx, g):
         logits, b_idx, t_idx, y, lse = ctx.saved_tensors
         n, V = y.shape[0], logits.shape[-1]
@@ -121,7 +128,8 @@ def token_logprobs(logits, b_idx, t_idx, y):
 #   forward   grid (token blocks, vocabulary splits). Each program walks its share of the vocabulary tile by
 #             tile, keeping a running (max, sum) per row and picking z_y when the target falls in the tile; it
 #             writes the split's partial lse_s and z_y. PyTorch merges: lse = logsumexp_s lse_s, z_y = sum_s.
-#             FLOPs 2NHV; the splits keep all SMs busy when N is a few thousand tokens (N/64 blocks << #SMs*4).
+#             FLOPs 2NHV. With a few thousand tokens there are only tens of token blocks: the splits bring the
+#             grid to about twice the number of SMs.
 #   backward  grid (token blocks, vocabulary tiles): recompute the tile (2NHV), store
 #             dZ = g * (onehot - exp(z - lse)) in the input dtype, then dH = dZ W and dW = dZ^T H as cuBLAS
 #             GEMMs with fp32 accumulation (4NHV). dZ is materialised per token chunk of DZ_BYTES.
@@ -212,6 +220,7 @@ def _default_splits(n, V, device):
 
 class LinearLogprobs(torch.autograd.Function):
     @staticmethod
+    @amp_fwd
     def forward(ctx, h, weight, bias, y, splits, chunk_tokens):
         n, H = h.shape
         V = weight.shape[0]
@@ -230,6 +239,7 @@ class LinearLogprobs(torch.autograd.Function):
         return zy_part.sum(dim=0) - lse
 
     @staticmethod
+    @amp_bwd
     def backward(ctx, g):
         h, weight, bias, y, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
