@@ -45,7 +45,8 @@ def _ops(backend, x):
         return torch_ops
     runnable = triton_ops is not None and (x.is_cuda or triton_ops.INTERPRET)
     if name == "triton" and not runnable:
-        why = "triton is not installed" if triton_ops is None else "tensors are not on CUDA and TRITON_INTERPRET=1 is not set"
+        why = ("triton is not installed" if triton_ops is None
+               else "tensors are not on CUDA and TRITON_INTERPRET=1 is not set")
         raise RuntimeError(f"kernel backend 'triton' cannot run: {why}. Use backend='torch' (or 'auto').")
     return triton_ops if runnable else torch_ops
 
@@ -120,9 +121,9 @@ def alol_loss_from_seq_logp(seq_logp, ref_seq_logp, advantage, clip_eps=0.9, ret
         lo, hi = -NO_CLIP_LOG_RATIO, NO_CLIP_LOG_RATIO
     else:
         lo, hi = (math.log(1 - clip_eps) if clip_eps < 1 else -math.inf), math.log1p(clip_eps)
-    log_ratio = seq_logp.detach().float() - ref_seq_logp.float()  # (B,)
+    log_ratio = (seq_logp.detach() - ref_seq_logp.detach()).float()  # (B,)
     weight = log_ratio.clamp(lo, hi).exp()  # (B,) constant in autograd; finite, so A+ = 0 gives 0, not NaN
-    adv = advantage.float().clamp(min=0)  # (B,) A+
+    adv = advantage.detach().float().clamp(min=0)  # (B,) A+, a constant too
     loss = -(weight * adv * seq_logp).mean()
     if not return_stats:
         return loss

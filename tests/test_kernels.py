@@ -202,7 +202,8 @@ def test_weight_is_one_at_the_reference(source, backend):
         assert_grad_close(logits.grad, logits64.grad, torch.float32)
     else:
         h64, w64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
-        ref_alol_loss(ref_token_logprobs(logits_of(h64, w64, None), targets, mask).sum(1), torch.ones(3), adv).backward()
+        s64 = ref_token_logprobs(logits_of(h64, w64, None), targets, mask).sum(1)
+        ref_alol_loss(s64, torch.ones(3), adv).backward()
         assert_grad_close(h.grad, h64.grad, torch.float32)
         assert_grad_close(w.grad, w64.grad, torch.float32)
 
@@ -449,13 +450,20 @@ def test_backend_selection(monkeypatch):
 
 
 def test_imports_without_triton():
-    code = ("import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-            "import torch, kernels\n"
-            "assert kernels.triton_ops is None\n"
-            "out = kernels.token_logprobs(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))\n"
-            "assert torch.allclose(out, torch.full((1, 2), -torch.log(torch.tensor(3.0))))\n"
-            "try:\n    kernels.token_logprobs(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),"
-            " backend='triton')\nexcept RuntimeError as e:\n    assert 'not installed' in str(e)\nelse:\n    raise SystemExit(1)\n")
+    code = """
+import sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+import torch, kernels
+assert kernels.triton_ops is None
+args = torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2)
+assert torch.allclose(kernels.token_logprobs(*args), torch.full((1, 2), -torch.log(torch.tensor(3.0))))
+try:
+    kernels.token_logprobs(*args, backend="triton")
+except RuntimeError as e:
+    assert "not installed" in str(e)
+else:
+    raise SystemExit("backend='triton' without triton did not raise")
+"""
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
 
 
