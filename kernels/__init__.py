@@ -1,0 +1,150 @@
+"""Exact, memory-light log-probs and the fused A-LoL sequence loss.
+
+    token_logprobs(logits, targets, mask)                  -> fp32 [B, T] log-probs, from logits
+    linear_token_logprobs(hidden, weight, targets, mask)   -> fp32 [B, T] log-probs, LM head fused in
+    alol_sequence_loss(targets, mask, ref_seq_logp, advantage, logits=... | hidden=..., weight=...)
+    alol_loss_from_seq_logp(seq_logp, ref_seq_logp, advantage)
+
+Convention: targets[b, t] is the token scored by logits[b, t] (or hidden[b, t]); the caller shifts
+(`hidden[:, :-1]` with `ids[:, 1:]`). Only positions with mask != 0 are computed: they are compacted first, so
+prompt and padding tokens cost no FLOPs, and their logits, hidden states and targets are never read.
+
+Log-sum-exp, log-probs, sequence sums and ratios are fp32 whatever the input dtype (fp32, fp16, bf16): bf16
+logits put a 20-37 % error into exp(S - S_ref) at T = 128, as wide as the clip range (shared/notes/kernels.md §4).
+
+Backends: `backend=None` reads ALOL_KERNEL_BACKEND (default "auto").
+    auto   - Triton for CUDA tensors; the Triton interpreter if TRITON_INTERPRET=1; else the chunked PyTorch path
+    torch  - the chunked PyTorch path (kernels/torch_ops.py) everywhere
+    triton - the Triton kernels (kernels/triton_ops.py); an error if triton is missing or cannot run here
+The package imports without triton.
+"""
+import math
+import os
+
+import torch
+
+from . import torch_ops
+
+try:
+    from . import triton_ops
+except ImportError:  # triton not installed: the PyTorch path still works
+    triton_ops = None
+
+__all__ = ["token_logprobs", "linear_token_logprobs", "alol_sequence_loss", "alol_loss_from_seq_logp"]
+
+BACKENDS = ("auto", "torch", "triton")
+NO_CLIP_LOG_RATIO = 20.0  # |log ratio| bound when clip_eps is None: exp(20) ~ 5e8 cannot overflow fp32
+
+
+def _ops(backend, x):
+    """The module (torch_ops or triton_ops) that computes log-probs for tensor x."""
+    name = backend or os.environ.get("ALOL_KERNEL_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose from {BACKENDS}")
+    if name == "torch":
+        return torch_ops
+    runnable = triton_ops is not None and (x.is_cuda or triton_ops.INTERPRET)
+    if name == "triton" and not runnable:
+        why = ("triton is not installed" if triton_ops is None
+               else "tensors are not on CUDA and TRITON_INTERPRET=1 is not set")
+        raise RuntimeError(f"kernel backend 'triton' cannot run: {why}. Use backend='torch' (or 'auto').")
+    return triton_ops if runnable else torch_ops
+
+
+def _compact(targets, mask, vocab_size):
+    """Indices (b, t) of the response tokens and their targets; checks targets are in [0, V)."""
+    b_idx, t_idx = torch.nonzero(mask, as_tuple=True)
+    y = targets[b_idx, t_idx].long()
+    if y.numel() and not bool(((y >= 0) & (y < vocab_size)).all()):
+        raise IndexError(f"targets at masked-in positions must lie in [0, {vocab_size})")
+    return b_idx, t_idx, y
+
+
+def _scatter(logp, b_idx, t_idx, shape):
+    """[N] log-probs back to [B, T], zero outside the mask (differentiable)."""
+    return logp.new_zeros(shape).index_put((b_idx, t_idx), logp)
+
+
+def token_logprobs(logits, targets, mask, backend=None):
+    """log softmax(logits[b, t])[targets[b, t]] where mask != 0, else 0.
+
+    logits [B, T, V] (any float dtype, any strides), targets [B, T] int, mask [B, T] bool/int/float 0-1;
+    targets[b, t] is the token scored by logits[b, t] (the caller shifts). Returns fp32 [B, T] (fp64 for fp64
+    logits on the torch path) with autograd to logits; masked rows get exactly zero gradient and are never read.
+    """
+    ops = _ops(backend, logits)
+    b_idx, t_idx, y = _compact(targets, mask, logits.shape[-1])
+    with torch.autocast(logits.device.type, enabled=False):
+        logp = ops.token_logprobs(logits, b_idx, t_idx, y)
+    return _scatter(logp, b_idx, t_idx, mask.shape)
+
+
+def _compute_dtype(hidden, weight):
+    """Inside autocast the LM head runs in the autocast dtype; outside, in the wider of the two input dtypes."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def linear_token_logprobs(hidden, weight, targets, mask, bias=None, backend=None):
+    """log softmax(hidden[b, t] @ weight.T + bias)[targets[b, t]] where mask != 0, else 0, never forming [B, T, V].
+
+    hidden [B, T, H] (any float dtype, may be non-contiguous), weight [V, H] (e.g. a tied embedding: its gradient
+    is returned so autograd accumulates into the tie), bias [V] or None, targets [B, T] int, mask [B, T]
+    bool/int/float 0-1; targets[b, t] is the token scored by hidden[b, t] (the caller shifts). Returns fp32
+    [B, T] with autograd to hidden, weight and bias. Tiles are fp32 whatever the input dtype; the matmul
+    operands are the autocast dtype inside autocast, else the wider of hidden's and weight's dtypes.
+    """
+    ops = _ops(backend, hidden)
+    b_idx, t_idx, y = _compact(targets, mask, weight.shape[0])
+    dtype = _compute_dtype(hidden, weight)
+    h = hidden[b_idx, t_idx].to(dtype)  # [N, H] response tokens only; autograd scatters the gradient back
+    weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp = ops.linear_logprobs(h, weight, bias, y)
+    return _scatter(logp, b_idx, t_idx, mask.shape)
+
+
+def alol_loss_from_seq_logp(seq_logp, ref_seq_logp, advantage, clip_eps=0.9, return_stats=False):
+    """The A-LoL loss from sequence log-probs (Baheti et al., ICLR 2024, arXiv 2305.14718).
+
+    Formula:  loss = -(1/B) sum_b sg[w_b] * A+_b * S_b,   w_b = clip(exp(S_b - Sref_b), 1 - eps, 1 + eps)
+    Where:    S_b = sum_t m_bt log pi_theta(y_t | x, y_<t) (seq_logp, with grad), Sref_b the same under the
+              frozen reference, A+_b = max(advantage_b, 0), sg = stop-gradient (official semantics).
+    The log-ratio is clamped before exp: to [log(1-eps), log(1+eps)] for eps < 1 (the same values as clipping
+    the ratio), to (-inf, log(1+eps)] for eps >= 1, to +-20 for clip_eps=None (no clip). Shapes: [B] each.
+    return_stats adds {"ratio": mean w, "clip_frac": fraction of clamped log-ratios, "seq_logp": mean S}.
+    """
+    if clip_eps is not None and clip_eps <= 0:
+        raise ValueError("clip_eps must be > 0, or None for no clipping")
+    if clip_eps is None:
+        lo, hi = -NO_CLIP_LOG_RATIO, NO_CLIP_LOG_RATIO
+    else:
+        lo, hi = (math.log(1 - clip_eps) if clip_eps < 1 else -math.inf), math.log1p(clip_eps)
+    log_ratio = (seq_logp.detach() - ref_seq_logp.detach()).float()  # (B,)
+    weight = log_ratio.clamp(lo, hi).exp()  # (B,) constant in autograd; finite, so A+ = 0 gives 0, not NaN
+    adv = advantage.detach().float().clamp(min=0)  # (B,) A+, a constant too
+    loss = -(weight * adv * seq_logp).mean()
+    if not return_stats:
+        return loss
+    clipped = (log_ratio < lo) | (log_ratio > hi)
+    stats = {"ratio": weight.mean().item(), "clip_frac": clipped.float().mean().item(),
+             "seq_logp": seq_logp.detach().mean().item()}
+    return loss, stats
+
+
+def alol_sequence_loss(targets, mask, ref_seq_logp, advantage, *, logits=None, hidden=None, weight=None, bias=None,
+                       clip_eps=0.9, backend=None, return_stats=False):
+    """The A-LoL loss straight from logits [B, T, V] or from the LM head's input (hidden [B, T, H], weight [V, H]).
+
+    S_b = sum_t mask_bt * log p(targets_bt) (fp32, targets[b, t] scored by position t: the caller shifts), then
+    alol_loss_from_seq_logp(S, ref_seq_logp, advantage, clip_eps): -(1/B) sum_b sg[clip(exp(S_b - Sref_b))] *
+    max(A_b, 0) * S_b. One backward; gradients reach logits, or hidden, weight and bias.
+    """
+    if (logits is None) == (hidden is None) or (hidden is not None and weight is None):
+        raise ValueError("pass either logits, or hidden and weight")
+    if logits is not None:
+        logp = token_logprobs(logits, targets, mask, backend=backend)
+    else:
+        logp = linear_token_logprobs(hidden, weight, targets, mask, bias=bias, backend=backend)
+    return alol_loss_from_seq_logp(logp.sum(dim=1), ref_seq_logp, advantage, clip_eps, return_stats)

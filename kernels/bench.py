@@ -1,0 +1,209 @@
+"""Benchmark of the A-LoL sequence loss computed from the LM head's input: python -m kernels.bench
+
+    python -m kernels.bench                 # B=16, T=128, H=1024, V=50257 (DialoGPT-medium), 70 % response tokens
+    python -m kernels.bench --small -r 3    # a quick look
+
+Providers (all give the same loss; each gets hidden [B, T, H] and the head weight [V, H] with requires_grad):
+  naive         the official code's way: logits = h @ W.T for every position, fp32 log_softmax, gather, masked sum
+  torch         kernels.alol_sequence_loss(..., backend="torch"): compaction + chunked online log-sum-exp
+  triton-logits (CUDA) logits by cuBLAS, then the Triton logits kernels
+  triton-linear (CUDA) the fused linear Triton kernels
+  liger, cce    (CUDA, if installed) Liger-Kernel's fused linear cross-entropy / Apple's Cut Cross-Entropy,
+                per-token with reduction="none", masked positions as ignore_index
+
+Times: medians over --repeats runs after a warm-up, the providers interleaved run by run (on a shared machine a
+change of load then hits all of them alike). Peak extra memory: over one forward+backward after a warm-up; on
+CUDA max_memory_allocated above what was allocated before; on CPU in a fresh subprocess per provider, the peak
+resident set size (VmHWM, reset through /proc/self/clear_refs) above the resident size before the run, with
+MALLOC_MMAP_THRESHOLD_ set so that freed buffers go back to the OS and RSS follows live memory. That peak includes
+the gradients every provider must return (dW: V*H, dH: B*T*H elements; 214 MB in fp32 at the default shape), so
+"work MB" also shows it without them: the memory a provider needs beyond its inputs and outputs. TFLOP/s count
+6*N_r*H*V for forward+backward (N_r response tokens), whatever a provider really computes, against the 798 TFLOP/s
+measured for a bf16 GEMM on an H100.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import kernels
+
+H100_TFLOPS = 798.0
+
+
+def naive_loss(hidden, weight, targets, mask, ref, adv, eps):
+    logits = hidden @ weight.T  # [B, T, V] for every position, prompt and padding included
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return kernels.alol_loss_from_seq_logp((logp * mask).sum(dim=1), ref, adv, eps)
+
+
+def kernel_loss(backend):
+    def loss(hidden, weight, targets, mask, ref, adv, eps):
+        return kernels.alol_sequence_loss(targets, mask, ref, adv, hidden=hidden, weight=weight, clip_eps=eps,
+                                          backend=backend)
+    return loss
+
+
+def triton_logits_loss(hidden, weight, targets, mask, ref, adv, eps):
+    return kernels.alol_sequence_loss(targets, mask, ref, adv, logits=hidden @ weight.T, clip_eps=eps,
+                                      backend="triton")
+
+
+def liger_loss(hidden, weight, targets, mask, ref, adv, eps):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    nll = LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden.flatten(0, 1),
+                                                             targets.masked_fill(mask == 0, -100).flatten())
+    return kernels.alol_loss_from_seq_logp(-nll.float().view(mask.shape).sum(dim=1), ref, adv, eps)
+
+
+def cce_loss(hidden, weight, targets, mask, ref, adv, eps):
+    from cut_cross_entropy import linear_cross_entropy
+
+    nll = linear_cross_entropy(hidden, weight, targets.masked_fill(mask == 0, -100), reduction="none")
+    return kernels.alol_loss_from_seq_logp(-nll.float().sum(dim=1), ref, adv, eps)
+
+
+def providers(device):
+    found = {"naive": naive_loss, "torch": kernel_loss("torch")}
+    if device == "cuda":
+        found.update({"triton-logits": triton_logits_loss, "triton-linear": kernel_loss("triton")})
+        for name, module, fn in [("liger", "liger_kernel", liger_loss), ("cce", "cut_cross_entropy", cce_loss)]:
+            try:
+                __import__(module)
+                found[name] = fn
+            except ImportError:
+                pass
+    return found
+
+
+def make_inputs(a, device):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hidden = torch.randn(a.B, a.T, a.H, device=device).to(dtype).requires_grad_()
+    weight = (0.02 * torch.randn(a.V, a.H, device=device)).to(dtype).requires_grad_()
+    targets = torch.randint(0, a.V, (a.B, a.T), device=device)
+    mask = torch.zeros(a.B, a.T, device=device)
+    mask[:, a.T - round(a.frac * a.T):] = 1  # prompt first, then the response
+    with torch.no_grad():
+        seq_logp = kernels.linear_token_logprobs(hidden, weight, targets, mask, backend="torch").sum(dim=1)
+    ref = seq_logp + 0.1 * torch.randn(a.B, device=device)  # ratios near 1, some clipped at eps = 0.2
+    adv = torch.randn(a.B, device=device)
+    return (hidden, weight, targets, mask, ref, adv, 0.2)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fwd_bwd(fn, inputs, device):
+    """One forward and one backward; returns (loss, forward s, backward s)."""
+    for x in inputs[:2]:
+        x.grad = None
+    sync(device)
+    t0 = time.perf_counter()
+    loss = fn(*inputs)
+    sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    sync(device)
+    return loss.item(), t1 - t0, time.perf_counter() - t1
+
+
+def _proc_mb(key):
+    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def time_all(names, a, device):
+    """Median forward, backward and forward+backward seconds per provider, providers interleaved run by run so that
+    a change in machine load (a shared CPU) hits all of them alike."""
+    found, inputs = providers(device), make_inputs(a, device)
+    for name in names:
+        fwd_bwd(found[name], inputs, device)  # warm-up: library initialisation, autotuning
+    runs = {name: [] for name in names}
+    for _ in range(a.repeats):
+        for name in names:
+            runs[name].append(fwd_bwd(found[name], inputs, device))
+    return {name: {"loss": r[-1][0], "fwd": statistics.median(x[1] for x in r),
+                   "bwd": statistics.median(x[2] for x in r), "total": statistics.median(x[1] + x[2] for x in r)}
+            for name, r in runs.items()}
+
+
+def peak_memory(name, a, device):
+    """Peak memory (MiB) of one forward+backward above what was allocated before it, after a warm-up run."""
+    fn, inputs = providers(device)[name], make_inputs(a, device)
+    fwd_bwd(fn, inputs, device)
+    for x in inputs[:2]:
+        x.grad = None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd(fn, inputs, device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _proc_mb("VmRSS")
+    fwd_bwd(fn, inputs, device)
+    return _proc_mb("VmHWM") - base
+
+
+def peak_memory_in_subprocess(name, a):
+    """peak_memory() on CPU in a fresh interpreter, so that no provider inherits another one's heap."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", "kernels.bench", "--worker", name, *a.shape_args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, default=16)
+    p.add_argument("--T", type=int, default=128)
+    p.add_argument("--H", type=int, default=1024)
+    p.add_argument("--V", type=int, default=50257)
+    p.add_argument("--frac", type=float, default=0.7, help="fraction of response tokens per sequence")
+    p.add_argument("-r", "--repeats", type=int, default=5)
+    p.add_argument("--small", action="store_true", help="B=4, T=64, H=256, V=8192")
+    p.add_argument("--worker", metavar="PROVIDER", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.small:
+        a.B, a.T, a.H, a.V = 4, 64, 256, 8192
+    a.shape_args = [f"--B={a.B}", f"--T={a.T}", f"--H={a.H}", f"--V={a.V}", f"--frac={a.frac}",
+                    f"--repeats={a.repeats}"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.worker:
+        print(peak_memory(a.worker, a, device))
+        return
+
+    n_resp = a.B * round(a.frac * a.T)
+    flops = 6 * n_resp * a.H * a.V
+    print(f"A-LoL sequence loss from hidden states on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
+          f" ({torch.get_num_threads()} threads): B={a.B} T={a.T} H={a.H} V={a.V}, {n_resp} response tokens, "
+          f"{'bf16' if device == 'cuda' else 'fp32'} inputs, median of {a.repeats}")
+    names = list(providers(device))
+    rows = time_all(names, a, device)
+    for name in names:
+        rows[name]["peak_mb"] = peak_memory(name, a, device) if device == "cuda" else peak_memory_in_subprocess(name, a)
+    grad_mb = (a.V + a.B * a.T) * a.H * (2 if device == "cuda" else 4) / 2**20
+    base = rows["naive"]
+    header = f"{'provider':<14}{'loss':>12}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'x naive':>8}" \
+             f"{'peak MB':>9}{'x naive':>8}{'work MB':>9}{'x naive':>8}"
+    print(header + (f"{'TFLOP/s':>9}{'% 798':>7}" if device == "cuda" else ""))
+    for name, r in rows.items():
+        work, base_work = r["peak_mb"] - grad_mb, base["peak_mb"] - grad_mb
+        line = f"{name:<14}{r['loss']:>12.6f}{1e3 * r['fwd']:>9.1f}{1e3 * r['bwd']:>9.1f}{1e3 * r['total']:>9.1f}" \
+               f"{r['total'] / base['total']:>8.2f}{r['peak_mb']:>9.1f}{r['peak_mb'] / base['peak_mb']:>8.3f}" \
+               f"{work:>9.1f}{work / base_work:>8.3f}"
+        if device == "cuda":
+            tflops = flops / r["total"] / 1e12
+            line += f"{tflops:>9.1f}{100 * tflops / H100_TFLOPS:>7.1f}"
+        print(line)
+
+if __name__ == "__main__":
+    main()
