@@ -336,11 +336,16 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def autocast(args: Args):
+    """bf16 matmuls on CUDA; the log-prob kernel still accumulates logits, log-sum-exp and sums in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and args.device.startswith("cuda"))
+
+
 def hidden_states(model, batch: dict, args: Args):
     """Last-layer hidden states [B, T, H] of a right-padded batch; positions 0..len-1 in every row, as in generate()."""
     ids = batch["input_ids"]
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and ids.is_cuda):
+    with autocast(args):
         return model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions).last_hidden_state
 
 
@@ -352,8 +357,9 @@ def token_logprobs(model, batch: dict, args: Args, hidden=None):
     hidden = hidden_states(model, batch, args) if hidden is None else hidden  # (B, T, H)
     head = model.get_output_embeddings()
     # hidden[:, t] scores token t+1: shift here, the kernel expects aligned targets.
-    logp = kernels.linear_token_logprobs(hidden[:, :-1], head.weight, batch["input_ids"][:, 1:],
-                                         batch["response_mask"][:, 1:], bias=head.bias, backend=args.kernel)  # (B, T-1)
+    with autocast(args):
+        logp = kernels.linear_token_logprobs(hidden[:, :-1], head.weight, batch["input_ids"][:, 1:],
+                                             batch["response_mask"][:, 1:], bias=head.bias, backend=args.kernel)  # (B, T-1)
     return F.pad(logp, (1, 0))  # (B, T): no token scores the first one
 
 

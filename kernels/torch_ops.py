@@ -23,7 +23,7 @@ Maths (per token n, logits z = W h_n + b, target y_n, upstream gradient g_n):
     dlogp_n / dz_v = 1[v = y_n] - p_v,  p = softmax(z) = exp(z - lse_n)
     dz = g_n * (onehot(y_n) - p)  ->  dh_n = dz @ W,  dW += dz^T h_n,  db += dz
 The dense part -g*p needs the logits again (recomputed chunk by chunk from h, W and the saved lse); the
-sparse part +g*onehot(y) touches one row of W per token and is added with gathers / index_add_.
+sparse part +g*onehot(y) is added into the tile that holds each target, so the two GEMMs see the whole dz.
 """
 import torch
 
@@ -125,23 +125,20 @@ class LinearLogprobs(torch.autograd.Function):
         dw = (torch.empty if h.shape[0] else torch.zeros)(weight.shape, dtype=acc, device=h.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
         for i, j in _spans(h.shape[0], chunk_tokens):
-            hc = h[i:j].to(acc)
+            hc, yc, gc = h[i:j].to(acc), y[i:j], g[i:j]
             for v0, v1 in _spans(weight.shape[0], chunk_vocab):
-                # Dense part of dz: -g * p, with p recomputed from h, W and the saved lse.
-                dz = _logits_chunk(hc, weight, bias, v0, v1).sub_(lse[i:j, None]).exp_().mul_(-g[i:j, None])
+                # dz = g * (onehot(y) - p): -g * p with p recomputed from h, W and the saved lse, then +g at the
+                # targets that fall in this chunk, in fp32 before any rounding. One write per token, so the result
+                # is bitwise reproducible (CPU index_put_(accumulate=True) is not: its thread order varies).
+                dz = _logits_chunk(hc, weight, bias, v0, v1).sub_(lse[i:j, None]).exp_().mul_(-gc[:, None])
+                rows = ((yc >= v0) & (yc < v1)).nonzero().squeeze(1)
+                dz[rows, yc[rows] - v0] += gc[rows]
                 if need_h:
                     dh[i:j].addmm_(dz, weight[v0:v1].to(acc), beta=0 if v0 == 0 else 1)
                 if need_w:
                     dw[v0:v1].addmm_(dz.T, hc, beta=0 if i == 0 else 1)
                 if need_b:
                     db[v0:v1] += dz.sum(dim=0)
-        # Sparse part of dz: +g at each token's target (index_put_ accumulates; CPU index_add_ is several x slower).
-        if need_h:
-            dh.addcmul_(g[:, None], weight[y].to(acc))
-        if need_w:
-            dw.index_put_((y,), h.to(acc) * g[:, None], accumulate=True)
-        if need_b:
-            db.index_put_((y,), g, accumulate=True)
         return (dh.to(h.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
                 db.to(bias.dtype) if need_b else None, None, None, None)
 

@@ -357,3 +357,19 @@ def test_end_to_end_a_lol_beats_nll(tmp_path):
     assert a_lol > nll + 0.5, (a_lol, nll)
     assert a_lol > results["data"]["reward"] + 0.3, (a_lol, results["data"]["reward"])
     assert "| a_lol |" in open(tmp_path / "run" / "results.md").read()
+
+
+def test_fused_kernel_loss_equals_alol_loss():
+    """kernels.alol_sequence_loss (log-probs from the LM head, then the loss) = alol_loss(algo="a_lol") on its log-probs."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 9, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    targets, mask = torch.randint(0, 50, (3, 9)), torch.rand(3, 9) > 0.3
+    reward, value = torch.tensor([3.0, 1.0, 2.5], dtype=torch.float64), torch.tensor([2.0, 1.5, 0.5], dtype=torch.float64)
+    logp = alol.kernels.linear_token_logprobs(hidden, weight, targets, mask, backend="torch")
+    for eps, shift in ((0.9, 0.3), (0.2, -0.5), (None, 2.0)):
+        ref_seq = (logp.detach() * mask).sum(-1) + shift
+        ref_logp = torch.where(mask, logp.detach() + shift / mask.sum(-1, keepdim=True), 0.0)
+        ours = alol.alol_loss(logp, ref_logp, mask, reward, value, "a_lol", eps)
+        fused = alol.kernels.alol_sequence_loss(targets, mask, ref_seq, reward - value, hidden=hidden, weight=weight,
+                                                clip_eps=eps, backend="torch")
+        assert fused.item() == pytest.approx(ours.item(), rel=1e-6)
