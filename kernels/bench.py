@@ -163,12 +163,12 @@ def peak_memory_in_subprocess(name, a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, default=16)
-    p.add_argument("--T", type=int, default=128)
-    p.add_argument("--H", type=int, default=1024)
-    p.add_argument("--V", type=int, default=50257)
+    p.add_argument("--B", type=int, default=16, help="sequences")
+    p.add_argument("--T", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--H", type=int, default=1024, help="hidden size (DialoGPT-medium: 1024)")
+    p.add_argument("--V", type=int, default=50257, help="vocabulary size (GPT-2: 50257)")
     p.add_argument("--frac", type=float, default=0.7, help="fraction of response tokens per sequence")
-    p.add_argument("-r", "--repeats", type=int, default=5)
+    p.add_argument("-r", "--repeats", type=int, default=5, help="timed runs per provider (the median is shown)")
     p.add_argument("--small", action="store_true", help="B=4, T=64, H=256, V=8192")
     p.add_argument("--worker", metavar="PROVIDER", help=argparse.SUPPRESS)
     a = p.parse_args()
