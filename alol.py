@@ -110,17 +110,18 @@ def parse_args(argv=None) -> Args:
     def optional_float(s):
         return None if s.lower() == "none" else float(s)
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    choices = {"task": list(TASK_PRESETS), "kernel": ["auto", "torch", "triton"]}
     group = p
     for f in fields(Args):
         group = p.add_argument_group(ARG_GROUPS[f.name]) if f.name in ARG_GROUPS else group
         flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        help = f.metadata["help"] + ("" if f.default == "" else " (default: %(default)s)")
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            typ = optional_float if f.name == "clip_eps" else kind
-            group.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
-                               choices=list(TASK_PRESETS) if f.name == "task" else None)
+            group.add_argument(flag, type=optional_float if f.name == "clip_eps" else kind, default=f.default,
+                               help=help, choices=choices.get(f.name))
     pre = argparse.ArgumentParser(add_help=False)  # the task first: its preset sets the defaults --help shows
     pre.add_argument("--task", default=Args.task)
     p.set_defaults(**TASK_PRESETS.get(pre.parse_known_args(argv)[0].task, {}))
@@ -199,6 +200,8 @@ def load_jsonl(path: str, flag: str) -> list:
         raise AlolError(f"{flag}: no such file: {path}")
     import datasets  # only needed for user data; the toy task does not pay for its import
 
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse error is reported below, with its line
     lines = [i + 1 for i, line in enumerate(open(path, encoding="utf-8")) if line.strip()]
     try:
         rows = datasets.load_dataset("json", data_files=path, split="train").to_list()
@@ -484,7 +487,7 @@ def sampling_schedule(n: int, weights, epochs: int, per_step: int, seed: int) ->
     kept = n if weights is None else int((weights > 0).sum())
     steps = epochs * math.ceil(kept / per_step)
     if weights is None:
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs + 1)])
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(steps * per_step / n))])
     else:
         order = torch.multinomial(weights, steps * per_step, replacement=True, generator=g)
     return order[:steps * per_step].view(steps, per_step)

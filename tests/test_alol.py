@@ -220,6 +220,8 @@ def test_uniform_schedule_is_shuffled_epochs():
     schedule = alol.sampling_schedule(10, None, epochs=3, per_step=4, seed=1)
     assert schedule.shape == (9, 4)
     assert sorted(schedule.flatten()[:10].tolist()) == list(range(10))  # the first epoch is a permutation
+    tiny = alol.sampling_schedule(5, None, epochs=3, per_step=8, seed=1)  # a batch larger than the data
+    assert tiny.shape == (3, 8) and sorted(tiny.flatten()[:5].tolist()) == list(range(5))
 
 
 # ---- 8. resume ------------------------------------------------------------------------------------------------
