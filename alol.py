@@ -799,8 +799,9 @@ def main(args: Args) -> dict:
         weights = advantage.clamp(min=0) if algo.startswith("a_lol") and args.priority_sampling else None
         start = time.time()
         train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr, weights)
+        seconds = round(time.time() - start, 1)
         results["methods"][algo] = {**evaluate(policy, tok, test, reward_fn, args, os.path.join(out_dir, algo)),
-                                    "train_seconds": round(time.time() - start, 1)}
+                                    "train_seconds": seconds}
         print(f"{algo}: reward {results['methods'][algo]['reward_sampled']:.3f} sampled, "
               f"{results['methods'][algo]['reward_greedy']:.3f} greedy")
         del policy
