@@ -7,6 +7,7 @@ ICLR 2024, https://arxiv.org/abs/2305.14718. The tutorial (tutorial.md) follows 
 
     python alol.py                  # embedded offline task `toy`: reference, nll and a_lol in ~2 min on 2 CPU cores
     python alol.py --algo all       # all eight losses from the same reference
+    python alol.py --task reddit    # the paper's Reddit task with DialoGPT-medium, on one GPU (README)
     python alol.py --help           # every setting, grouped
 """
 import argparse
@@ -17,10 +18,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import socket
 import sys
 import textwrap
 import time
+import urllib.parse
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -45,7 +49,7 @@ def opt(default, help):
 @dataclass
 class Args:
     # run
-    task: str = opt("toy", "task preset: `toy` is embedded and offline (data, tokenizer and model built here)")
+    task: str = opt("toy", "task preset: `toy` is embedded and offline; `reddit` is the paper's (needs --data-dir)")
     algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`")
     seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
     out_dir: str = opt("", "run directory (default runs/<task>-seed<seed>-<time>)")
@@ -59,12 +63,19 @@ class Args:
     train_file: str = opt("", "JSONL with prompt, response and reward (or a dict `rewards`); replaces the task's data")
     val_file: str = opt("", "JSONL of the same form; its prompts train the value head")
     test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
-    reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
-    n_train: int = opt(8000, "toy: training examples (one offline response each)")
-    n_val: int = opt(600, "toy: validation examples (value-head prompts)")
-    n_test: int = opt(400, "toy: test examples (prompts unseen in training)")
+    data_dir: str = opt("data/reddit", "reddit: folder with Kaggle's comments_positive.csv and comments_negative.csv")
+    reddit_train: str = opt("pos", "reddit: train on the upvoted (pos) or the downvoted (neg) replies")
+    n_train: int = opt(8000, "training examples: toy generates this many; reddit keeps at most this many (0 = all)")
+    n_val: int = opt(600, "validation examples (value-head prompts); reddit: per CSV file")
+    n_test: int = opt(400, "test examples (toy: prompts unseen in training); reddit: per CSV file")
     max_prompt_len: int = opt(24, "prompt tokens kept (left-truncated: the end of the prompt matters most)")
     max_response_len: int = opt(32, "response tokens kept incl. the final EOS (right-truncated)")
+    # rewards
+    reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
+    fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response")
+    safety_model: str = opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the response")
+    depth_model: str = opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) on parent<|endoftext|>response")
+    updown_model: str = opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) on parent<|endoftext|>response")
     # reference policy
     model: str = opt("", "Hugging Face id or path of the initial policy; empty = the task's own tiny GPT-2")
     ref_model: str = opt("", "path of a trained reference policy; skips the NLL reference stage")
@@ -92,12 +103,22 @@ class Args:
     eval_batch_size: int = opt(200, "prompts per generation batch")
 
 
-ARG_GROUPS = {"task": "run", "train_file": "data", "model": "reference policy", "value_samples": "value estimate",
+ARG_GROUPS = {"task": "run", "train_file": "data", "reward_fn": "rewards", "model": "reference policy", "value_samples": "value estimate",
               "epochs": "A-LoL training", "eval_max_new_tokens": "evaluation"}
 # Task presets override Args defaults. The defaults above are the toy's: sizes measured so that `python alol.py`
-# takes about 2 minutes on 2 CPU cores (shared/notes/embedded.md §2-3).
-TASK_PRESETS = {"toy": {}}
+# takes under 2 minutes on 2 CPU cores (shared/notes/embedded.md §2-3).
+TASK_PRESETS = {
+    "toy": {},
+    # The paper's settings (shared/notes/reddit.md §4-5): DialoGPT-medium, NLL reference 6 epochs, methods 3 epochs,
+    # lr 2e-5, batch 8 x 2, val/test 1000 per file, beam 2 with repetition penalty 2.5. Sized for one 24 GB GPU:
+    # bf16 autocast over fp32 weights and AdamW (~6 GB), no [B, T, V] logits (kernels/), sequences <= 300 tokens.
+    "reddit": dict(model="microsoft/DialoGPT-medium", n_train=0, n_val=1000, n_test=1000, max_prompt_len=512,
+                   max_response_len=128, ref_epochs=6, ref_lr=2e-5, epochs=3, lr=2e-5, batch_size=8, grad_accum=2,
+                   value_samples=2, value_epochs=5, value_lr=2e-5, save_every=1000, eval_max_new_tokens=128,
+                   eval_num_beams=2, eval_repetition_penalty=2.5, eval_batch_size=32),
+}
 ALGOS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
+REWARD_MODELS = ("fluency_model", "safety_model", "depth_model", "updown_model")
 # Settings that may differ when --resume adds methods to or re-evaluates an existing run.
 NOT_RUN_IDENTITY = {"algo", "resume", "overwrite", "out_dir", "device", "kernel", "cache_dir"}
 
@@ -111,7 +132,7 @@ def parse_args(argv=None) -> Args:
         return None if s.lower() == "none" else float(s)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    choices = {"task": list(TASK_PRESETS), "kernel": ["auto", "torch", "triton"]}
+    choices = {"task": list(TASK_PRESETS), "kernel": ["auto", "torch", "triton"], "reddit_train": ["pos", "neg"]}
     group = p
     for f in fields(Args):
         group = p.add_argument_group(ARG_GROUPS[f.name]) if f.name in ARG_GROUPS else group
@@ -140,6 +161,7 @@ def parse_args(argv=None) -> Args:
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Data: records {prompt, response, rewards: {component: float}} and their token layout
 # ---------------------------------------------------------------------------------------------------------------
+EOS = "<|endoftext|>"  # GPT-2's end of text: ends every response (a trained token) and DialoGPT's dialogue turns
 # The embedded task `toy`: Reddit-like questions with one offline reply each, drawn from a noisy mixture of good,
 # toxic, dull, off-topic and word-salad replies. Its exact rewards (§3) make the A-LoL effect measurable offline.
 TOPICS = {"cooking": ["pasta", "bread", "rice", "soup", "eggs"], "fitness": ["running", "squats", "stretching", "protein", "sleep"],
@@ -192,6 +214,32 @@ def toy_splits(args: Args) -> dict:
 
     return {"train": [example(seen) for _ in range(args.n_train)], "val": [example(seen) for _ in range(args.n_val)],
             "test": [example(held_out) for _ in range(args.n_test)]}
+
+
+# The paper's Reddit task (shared/notes/reddit.md): replies to Reddit comments from Kaggle's "Reddit comment
+# scores", one file of upvoted and one of downvoted replies; the parent comment is the prompt.
+REDDIT_FILES = {"pos": "comments_positive.csv", "neg": "comments_negative.csv"}
+URL = re.compile(r"https?://\S+|www\.\S+")
+
+
+def reddit_splits(args: Args, tok) -> dict:
+    """The official preprocessing, per file: drop empty rows, sample 102,000 (random_state 901), collapse whitespace,
+    drop pairs over 100 words, URLs -> <URL>, drop pairs over 300 tokens of parent EOS reply EOS; then, in sampled
+    order, test = the first n_test, val = the next n_val, train = the rest (at most n_train if set)."""
+    import pandas as pd
+
+    splits = {"test": [], "val": []}
+    for kind, name in REDDIT_FILES.items():
+        frame = pd.read_csv(os.path.join(args.data_dir, name), usecols=["parent_text", "text"], dtype=str).dropna()
+        frame = frame.sample(n=min(102_000, len(frame)), random_state=901)
+        pairs = [[URL.sub("<URL>", " ".join(text.split())) for text in pair] for pair in zip(frame.parent_text, frame.text)]
+        pairs = [(p, r) for p, r in pairs if 0 < len(p.split()) <= 100 and 0 < len(r.split()) <= 100]
+        lengths = map(len, tok([p + EOS + r + EOS for p, r in pairs], add_special_tokens=False)["input_ids"])
+        records = [{"prompt": p + EOS, "response": r} for (p, r), n in zip(pairs, lengths) if n <= 300]
+        splits["test"] += records[:args.n_test]
+        splits["val"] += records[args.n_test:args.n_test + args.n_val]
+        splits[f"train_{kind}"] = records[args.n_test + args.n_val:][:args.n_train or None]
+    return splits
 
 
 def load_jsonl(path: str, flag: str) -> list:
@@ -279,6 +327,75 @@ def toy_reward(prompts: list, responses: list) -> dict:
     return {k: torch.tensor(v) for k, v in scores.items()}
 
 
+def tfidf_reward(references: list):
+    """The paper's "diversity" reward (official utils/rl_utils.py): the response's tf-idf vector under a
+    CountVectorizer and TfidfTransformer fitted on the training references; the mean of its k non-zero
+    (L2-normalised) entries, times k/10 when k < 5. Past 5 terms its maximum falls with length (reddit.md §3.2)."""
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
+
+    counts = CountVectorizer().fit(references)
+    tfidf = TfidfTransformer(smooth_idf=True, use_idf=True).fit(counts.transform(references))
+
+    def diversity(responses):
+        rows = tfidf.transform(counts.transform(responses))  # sparse [N, vocabulary], rows of unit norm
+        k = torch.tensor(rows.getnnz(axis=1), dtype=torch.float)  # (N,) distinct known terms
+        mean = torch.tensor(rows.sum(axis=1), dtype=torch.float).flatten() / k.clamp(min=1)
+        return mean * torch.where(k < 5, k / 10, 1.0)  # k = 0 gives 0
+
+    return diversity
+
+
+def acceptable_label(config) -> int:
+    return 1  # textattack/roberta-base-CoLA: LABEL_1 = acceptable, as the official code reads it
+
+
+def not_offensive_label(config) -> int:
+    """The non-offensive class, from the labels' names; generic LABEL_0/1 follow TweetEval (0 = not-offensive)."""
+    names = [config.id2label[i].lower() for i in range(config.num_labels)]
+    safe = [i for i, name in enumerate(names) if name.startswith(("non", "not"))]
+    if len(names) != 2 or len(safe) > 1:
+        raise AlolError(f"--safety-model: expected two classes, offensive and not, got {names}")
+    return safe[0] if safe else 0
+
+
+@torch.no_grad()
+def classifier_scores(path: str, texts: list, args: Args, label=None) -> torch.Tensor:
+    """P(label) under a sequence classifier, or the sigmoid of its single logit (DialogRPT). Loaded for this call
+    and freed after it, so reward models never share the GPU with the policy's training; fp16 on CUDA."""
+    tok = load_tokenizer(path)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    model.config.pad_token_id = tok.pad_token_id  # GPT-2 classifiers take the last token before the padding
+    index = None if model.config.num_labels == 1 else label(model.config)
+    texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
+    out = []
+    for i in range(0, len(texts), args.eval_batch_size):
+        enc = tok(texts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
+        logits = model(**enc.to(args.device)).logits.float()  # (b, classes)
+        out.append(torch.sigmoid(logits[:, 0]) if index is None else logits.softmax(-1)[:, index])
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return torch.cat(out).cpu()
+
+
+def reddit_reward(args: Args, references: list):
+    """The paper's five rewards in [0, 1] (reddit.md §3). Safety substitutes a hub classifier for ToxiChat's (not on
+    the hub), on the response alone: its scores are not comparable with the paper's."""
+    paths = {k: hub_path(getattr(args, k)) for k in REWARD_MODELS}  # an unreachable hub fails here, at once
+    diversity = tfidf_reward(references)
+
+    def reward_fn(prompts, responses):
+        threads = [p + r for p, r in zip(prompts, responses)]  # parent<|endoftext|>response: DialogRPT's input
+        return {"fluency": classifier_scores(paths["fluency_model"], responses, args, acceptable_label),
+                "safety": classifier_scores(paths["safety_model"], responses, args, not_offensive_label),
+                "engagement": classifier_scores(paths["depth_model"], threads, args),
+                "upvotes": classifier_scores(paths["updown_model"], threads, args),
+                "diversity": diversity(responses)}
+
+    return reward_fn
+
+
 def load_reward_fn(spec: str):
     module, _, name = spec.partition(":")
     try:
@@ -296,14 +413,54 @@ def score(reward_fn, prompts: list, responses: list) -> dict:
     return {**components, "reward": sum(components.values())}
 
 
+def add_rewards(splits: dict, reward_fn) -> dict:
+    """Score every record in one call of reward_fn (its models load once) and store the components."""
+    records = [r for split in splits.values() for r in split]
+    scores = score(reward_fn, [r["prompt"] for r in records], [r["response"] for r in records])
+    columns = {k: v.tolist() for k, v in scores.items() if k != "reward"}
+    for i, r in enumerate(records):
+        r["rewards"] = {k: v[i] for k, v in columns.items()}
+    return splits
+
+
+def toy_build(args: Args, reward_fn=None):
+    reward_fn = reward_fn or toy_reward
+    return add_rewards(toy_splits(args), reward_fn), reward_fn
+
+
+def reddit_build(args: Args, reward_fn=None):
+    """The Reddit splits with their rewards, and the reward function. Scored once and cached as JSONL in this
+    project's schema next to the data, under a key of the CSVs, the tokenizer, the sizes and the reward models;
+    the next run reads them back (and they work as --train-file, --val-file, --test-file)."""
+    paths = [os.path.join(args.data_dir, name) for name in REDDIT_FILES.values()]
+    if not all(map(os.path.isfile, paths)):
+        raise AlolError(f"--data-dir {args.data_dir} must hold {' and '.join(REDDIT_FILES.values())}: download both from "
+                        "Kaggle's \"Reddit comment scores\" (https://www.kaggle.com/code/danofer/reddit-comments-scores-nlp"
+                        f"/input, free account needed) and put them in {os.path.abspath(args.data_dir)}")
+    settings = {k: getattr(args, k) for k in ("model", "n_train", "n_val", "n_test", "reward_fn", *REWARD_MODELS)}
+    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}))
+    names = ("train_pos", "train_neg", "val", "test")
+    cached = all(os.path.exists(os.path.join(cache, f"{name}.jsonl")) for name in names)
+    if cached:
+        parts = {name: load_jsonl(os.path.join(cache, f"{name}.jsonl"), "cached data") for name in names}
+    else:
+        parts = reddit_splits(args, load_tokenizer(args.model))
+    reward_fn = reward_fn or reddit_reward(args, [r["response"] for r in parts["train_pos"] + parts["train_neg"]])
+    if not cached:
+        add_rewards(parts, reward_fn)
+        os.makedirs(cache, exist_ok=True)
+        for name in names:
+            write_atomic(os.path.join(cache, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in parts[name]))
+    print(f"Reddit data {'read from' if cached else 'preprocessed, scored and cached in'} {cache}: "
+          + ", ".join(f"{name} {len(parts[name])}" for name in names))
+    return {"train": parts[f"train_{args.reddit_train}"], "val": parts["val"], "test": parts["test"]}, reward_fn
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Reference policy pi_ref: the NLL-trained starting point, frozen for the rest of the run
 # ---------------------------------------------------------------------------------------------------------------
-EOS = "<|endoftext|>"
-
-
-def toy_tokenizer(records: list):
-    """Byte-level BPE trained on the task's own text in well under a second (no download)."""
+def bpe_tokenizer(records: list):
+    """Without --model: a byte-level BPE trained on the training text in well under a second (no download)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -312,21 +469,44 @@ def toy_tokenizer(records: list):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
 
 
-def toy_policy(tok, args: Args):
-    """A 2-layer, 128-wide GPT-2 (~0.5 M parameters) trained from scratch: fast on 2 CPU cores."""
+def tiny_gpt2(tok, args: Args):
+    """Without --model: a 2-layer, 128-wide GPT-2 (~0.5 M parameters) trained from scratch, fast on 2 CPU cores."""
     positions = args.max_prompt_len + max(args.max_response_len, args.eval_max_new_tokens)
     config = transformers.GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=128, n_layer=2, n_head=4,
                                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return transformers.GPT2LMHeadModel(config)
 
 
+def hub_path(name: str) -> str:
+    """A local folder, an id already in the Hugging Face cache (its folder), or an id the hub can serve; anything
+    else fails within seconds with a message, where from_pretrained would retry for a minute (embedded.md §4)."""
+    if os.path.isdir(name):
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an id of the form owner/name
+        raise AlolError(f"{name}: no such folder")
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached (or not a valid id): the hub must serve it
+        host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set")
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        raise AlolError(f"{name!r} is not a local folder, not in the Hugging Face cache, and the hub ({host}) cannot be "
+                        f"reached ({e}). Download it where the hub is reachable, or pass a local path.") from None
+    return name
+
+
 def load_policy(path: str, args: Args):
-    policy = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(hub_path(path), dtype=torch.float32)
     return disable_dropout(policy).to(args.device)
 
 
 def load_tokenizer(path: str):
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok = transformers.AutoTokenizer.from_pretrained(hub_path(path))
     tok.pad_token = tok.pad_token or tok.eos_token  # GPT-2 has no pad token; padding is masked anyway
     return tok
 
@@ -654,7 +834,8 @@ def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str
         return json.load(open(metrics_path))
     prompts = [r["prompt"] for r in test_records]
     sampled, greedy = generate(model, tok, prompts, args, sample=True), generate(model, tok, prompts, args, sample=False)
-    scores, greedy_reward = score(reward_fn, prompts, sampled), score(reward_fn, prompts, greedy)["reward"]
+    both = score(reward_fn, prompts * 2, sampled + greedy)  # one call: reward models load once
+    scores, greedy_reward = {k: v[:len(prompts)] for k, v in both.items()}, both["reward"][len(prompts):]
     metrics = text_metrics(sampled, scores)
     metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics}
     os.makedirs(run_dir, exist_ok=True)
@@ -707,13 +888,11 @@ def report(results: dict, advantage: torch.Tensor, out_dir: str):
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Task:
-    splits: object  # args -> {"train", "val", "test": [records]}; records without rewards are scored by reward_fn
-    reward_fn: object  # args -> reward_fn(prompts, responses)
-    tokenizer: object  # train records -> tokenizer, when neither --model nor --ref-model is given
-    policy: object  # (tokenizer, args) -> a fresh model, idem
+    build: object  # (args, reward_fn or None) -> ({"train", "val", "test": scored records}, reward_fn)
+    reward: object  # (args, training responses) -> reward_fn, for --train-file data
 
 
-TASKS = {"toy": Task(toy_splits, lambda args: toy_reward, toy_tokenizer, toy_policy)}
+TASKS = {"toy": Task(toy_build, lambda args, references: toy_reward), "reddit": Task(reddit_build, reddit_reward)}
 
 
 def prepare_out_dir(args: Args) -> str:
@@ -741,16 +920,12 @@ def main(args: Args) -> dict:
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     task = TASKS[args.task]
     # Everything that can fail on bad input happens before the run directory is touched.
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else task.reward_fn(args)
+    custom = load_reward_fn(args.reward_fn) if args.reward_fn else None
     if args.train_file:
         splits = {s: load_jsonl(getattr(args, f"{s}_file"), f"--{s}-file") for s in ("train", "val", "test")}
+        reward_fn = custom or task.reward(args, [r["response"] for r in splits["train"]])
     else:
-        splits = task.splits(args)
-    for records in splits.values():
-        if any("rewards" not in r for r in records):
-            scores = score(reward_fn, [r["prompt"] for r in records], [r["response"] for r in records])
-            for i, r in enumerate(records):
-                r["rewards"] = {k: v[i].item() for k, v in scores.items() if k != "reward"}
+        splits, reward_fn = task.build(args, custom)
     out_dir = prepare_out_dir(args)
     print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
                         subsequent_indent="  "), f"\nrun directory: {out_dir}")
@@ -759,14 +934,14 @@ def main(args: Args) -> dict:
 
     # 4. Reference policy: given, or NLL on the training data from the initial policy (paper §3)
     source = args.ref_model or args.model
-    tok = load_tokenizer(source) if source else task.tokenizer(splits["train"])
+    tok = load_tokenizer(source) if source else bpe_tokenizer(splits["train"])
     tok.padding_side = tok.truncation_side = "left"  # for generate(); encode() lays out its own right padding
     train = encode(splits["train"], tok, args)
     ref_dir = os.path.join(out_dir, "reference")
     if args.ref_model:
         ref = load_policy(args.ref_model, args)
     else:
-        init = load_policy(args.model, args) if args.model else disable_dropout(task.policy(tok, args)).to(args.device)
+        init = load_policy(args.model, args) if args.model else disable_dropout(tiny_gpt2(tok, args)).to(args.device)
         ref = train_policy(init, tok, train, "nll", ref_dir, args, args.ref_epochs, args.ref_lr)
     ref.requires_grad_(False)
     test = splits["test"]

@@ -38,14 +38,10 @@ def toy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
     args = small_args(tmp)
     torch.manual_seed(0)
-    splits = alol.toy_splits(args)
-    for records in splits.values():
-        scores = alol.score(alol.toy_reward, [r["prompt"] for r in records], [r["response"] for r in records])
-        for i, r in enumerate(records):
-            r["rewards"] = {k: v[i].item() for k, v in scores.items() if k != "reward"}
-    tok = alol.toy_tokenizer(splits["train"])
+    splits, _ = alol.toy_build(args)
+    tok = alol.bpe_tokenizer(splits["train"])
     tok.padding_side = tok.truncation_side = "left"
-    model = alol.toy_policy(tok, args)
+    model = alol.tiny_gpt2(tok, args)
     assert model.config.resid_pdrop > 0  # so that the dropout-off tests mean something
     model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
