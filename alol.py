@@ -73,13 +73,13 @@ class Args:
     # rewards
     reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
     fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response")
-    safety_model: str = opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the response")
-    depth_model: str = opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) on parent<|endoftext|>response")
-    updown_model: str = opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) on parent<|endoftext|>response")
+    safety_model: str = opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the reply")
+    depth_model: str = opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) of parent+reply")
+    updown_model: str = opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) of parent+reply")
     # reference policy
     model: str = opt("", "Hugging Face id or path of the initial policy; empty = the task's own tiny GPT-2")
     ref_model: str = opt("", "path of a trained reference policy; skips the NLL reference stage")
-    ref_epochs: int = opt(3, "epochs of NLL on the training data that make the reference (paper §3)")
+    ref_epochs: int = opt(3, "epochs of NLL on the training data that make the reference (the paper's recipe)")
     ref_lr: float = opt(1e-3, "learning rate of the reference stage")
     # value estimate
     value_samples: int = opt(8, "reference samples per validation prompt; V's target is their mean reward")
@@ -94,7 +94,7 @@ class Args:
     max_grad_norm: float = opt(1.0, "gradient-norm clip (official: 1.0)")
     clip_eps: float = opt(0.9, "importance weight clipped to [1-eps, 1+eps]; `none` = no clip (official HH: 0.9)")
     kl_beta: float = opt(0.1, "beta of a_lol_kl")
-    priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (paper §2.3)")
+    priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (the official -ts option)")
     save_every: int = opt(100, "optimiser steps between checkpoints (always saved at the end)")
     # evaluation
     eval_max_new_tokens: int = opt(32, "generated tokens per test prompt")
@@ -103,14 +103,14 @@ class Args:
     eval_batch_size: int = opt(200, "prompts per generation batch")
 
 
-ARG_GROUPS = {"task": "run", "train_file": "data", "reward_fn": "rewards", "model": "reference policy", "value_samples": "value estimate",
-              "epochs": "A-LoL training", "eval_max_new_tokens": "evaluation"}
+ARG_GROUPS = {"task": "run", "train_file": "data", "reward_fn": "rewards", "model": "reference policy",
+              "value_samples": "value estimate", "epochs": "A-LoL training", "eval_max_new_tokens": "evaluation"}
 # Task presets override Args defaults. The defaults above are the toy's: sizes measured so that `python alol.py`
-# takes under 2 minutes on 2 CPU cores (shared/notes/embedded.md §2-3).
+# takes under 2 minutes on 2 CPU cores (README).
 TASK_PRESETS = {
     "toy": {},
-    # The paper's settings (shared/notes/reddit.md §4-5): DialoGPT-medium, NLL reference 6 epochs, methods 3 epochs,
-    # lr 2e-5, batch 8 x 2, val/test 1000 per file, beam 2 with repetition penalty 2.5. Sized for one 24 GB GPU:
+    # The paper's settings (official README commands and trainer): DialoGPT-medium, NLL reference 6 epochs, methods
+    # 3 epochs, lr 2e-5, batch 8 x 2, val/test 1000 per file, beam 2 with repetition penalty 2.5. For one 24 GB GPU:
     # bf16 autocast over fp32 weights and AdamW (~6 GB), no [B, T, V] logits (kernels/), sequences <= 300 tokens.
     "reddit": dict(model="microsoft/DialoGPT-medium", n_train=0, n_val=1000, n_test=1000, max_prompt_len=512,
                    max_response_len=128, ref_epochs=6, ref_lr=2e-5, epochs=3, lr=2e-5, batch_size=8, grad_accum=2,
@@ -163,10 +163,13 @@ def parse_args(argv=None) -> Args:
 # ---------------------------------------------------------------------------------------------------------------
 EOS = "<|endoftext|>"  # GPT-2's end of text: ends every response (a trained token) and DialoGPT's dialogue turns
 # The embedded task `toy`: Reddit-like questions with one offline reply each, drawn from a noisy mixture of good,
-# toxic, dull, off-topic and word-salad replies. Its exact rewards (§3) make the A-LoL effect measurable offline.
-TOPICS = {"cooking": ["pasta", "bread", "rice", "soup", "eggs"], "fitness": ["running", "squats", "stretching", "protein", "sleep"],
-          "gardening": ["tomatoes", "roses", "compost", "seeds", "weeds"], "cars": ["brakes", "tires", "oil", "battery", "engine"],
-          "pets": ["cats", "dogs", "fish", "birds", "rabbits"], "music": ["guitar", "piano", "drums", "singing", "violin"]}
+# toxic, dull, off-topic and word-salad replies. Its exact rewards (section 3) make the A-LoL effect measurable offline.
+TOPICS = {"cooking": ["pasta", "bread", "rice", "soup", "eggs"],
+          "fitness": ["running", "squats", "stretching", "protein", "sleep"],
+          "gardening": ["tomatoes", "roses", "compost", "seeds", "weeds"],
+          "cars": ["brakes", "tires", "oil", "battery", "engine"],
+          "pets": ["cats", "dogs", "fish", "birds", "rabbits"],
+          "music": ["guitar", "piano", "drums", "singing", "violin"]}
 QUESTIONS = ["any tips for {n} ?", "how do i get better at {n} ?", "what is the best way to start with {n} ?",
              "why is {n} so hard for me ?", "what should i know about {n} ?", "is {n} worth the effort ?",
              "i keep failing at {n} , help ?", "where do i begin with {n} ?", "what do you wish you knew about {n} ?",
@@ -175,8 +178,10 @@ OPENERS = ["great question !", "good news !", "honestly ,", "in my experience ,"
 ADVICE = ["try to practice {n} a little every day .", "start slow with {n} and be patient .",
           "keep notes on your {n} and learn from them .", "ask a friend who knows {n} well .",
           "watch a few videos about {n} first ."]
-CLOSERS = ["hope this helps !", "you can do it !", "let us know how it goes !", "what have you tried so far ?", "good luck !"]
-TOXIC = ["you are an idiot .", "what a stupid question .", "nobody cares about your {n} , loser .", "shut up , {n} is for morons ."]
+CLOSERS = ["hope this helps !", "you can do it !", "let us know how it goes !", "what have you tried so far ?",
+           "good luck !"]
+TOXIC = ["you are an idiot .", "what a stupid question .", "nobody cares about your {n} , loser .",
+         "shut up , {n} is for morons ."]
 INSULTS = {"idiot", "stupid", "loser", "morons"}
 DULL = ["ok", "lol", "idk", "sure", "meh", "whatever"]
 # Share of (good, toxic, dull, off-topic, salad) per subreddit: the reply quality depends on the prompt, so
@@ -216,8 +221,8 @@ def toy_splits(args: Args) -> dict:
             "test": [example(held_out) for _ in range(args.n_test)]}
 
 
-# The paper's Reddit task (shared/notes/reddit.md): replies to Reddit comments from Kaggle's "Reddit comment
-# scores", one file of upvoted and one of downvoted replies; the parent comment is the prompt.
+# The paper's Reddit task: replies to Reddit comments from Kaggle's "Reddit comment scores", one file of upvoted and
+# one of downvoted replies; the parent comment is the prompt (official preprocess_reddit_comment_scores_...py).
 REDDIT_FILES = {"pos": "comments_positive.csv", "neg": "comments_negative.csv"}
 URL = re.compile(r"https?://\S+|www\.\S+")
 
@@ -232,7 +237,7 @@ def reddit_splits(args: Args, tok) -> dict:
     for kind, name in REDDIT_FILES.items():
         frame = pd.read_csv(os.path.join(args.data_dir, name), usecols=["parent_text", "text"], dtype=str).dropna()
         frame = frame.sample(n=min(102_000, len(frame)), random_state=901)
-        pairs = [[URL.sub("<URL>", " ".join(text.split())) for text in pair] for pair in zip(frame.parent_text, frame.text)]
+        pairs = [[URL.sub("<URL>", " ".join(t.split())) for t in pair] for pair in zip(frame.parent_text, frame.text)]
         pairs = [(p, r) for p, r in pairs if 0 < len(p.split()) <= 100 and 0 < len(r.split()) <= 100]
         lengths = map(len, tok([p + EOS + r + EOS for p, r in pairs], add_special_tokens=False)["input_ids"])
         records = [{"prompt": p + EOS, "response": r} for (p, r), n in zip(pairs, lengths) if n <= 300]
@@ -287,14 +292,16 @@ def encode(records: list, tok, args: Args) -> dict:
     Position t of every [N, L] tensor describes token t; `response_mask[:, t]` marks the response tokens (incl.
     the final EOS) built from lengths, never from `ids != pad` (GPT-2's pad is its EOS, and EOS is trained).
     Right padding keeps GPT-2's positions 0..len-1 as in generate(), unlike the official left-padded prompt
-    (shared/notes/algorithm.md §8.2).
+    (tutorial.md, section 2).
     """
     prompts = tok([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
     responses = tok([r["response"] for r in records], add_special_tokens=False)["input_ids"]
-    seqs = [(p[-args.max_prompt_len:], r[:args.max_response_len - 1] + [tok.eos_token_id]) for p, r in zip(prompts, responses)]
+    seqs = [(p[-args.max_prompt_len:], r[:args.max_response_len - 1] + [tok.eos_token_id])
+            for p, r in zip(prompts, responses)]
     n, width = len(seqs), max(len(p) + len(r) for p, r in seqs)
     data = {"input_ids": torch.full((n, width), tok.pad_token_id, dtype=torch.long),
-            "prompt_mask": torch.zeros(n, width, dtype=torch.bool), "response_mask": torch.zeros(n, width, dtype=torch.bool)}
+            "prompt_mask": torch.zeros(n, width, dtype=torch.bool),
+            "response_mask": torch.zeros(n, width, dtype=torch.bool)}
     for i, (p, r) in enumerate(seqs):
         data["input_ids"][i, :len(p) + len(r)] = torch.tensor(p + r)
         data["prompt_mask"][i, :len(p)] = True
@@ -330,7 +337,7 @@ def toy_reward(prompts: list, responses: list) -> dict:
 def tfidf_reward(references: list):
     """The paper's "diversity" reward (official utils/rl_utils.py): the response's tf-idf vector under a
     CountVectorizer and TfidfTransformer fitted on the training references; the mean of its k non-zero
-    (L2-normalised) entries, times k/10 when k < 5. Past 5 terms its maximum falls with length (reddit.md §3.2)."""
+    (L2-normalised) entries, times k/10 when k < 5. Past 5 terms its maximum falls with length (tutorial.md, 3)."""
     from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
     counts = CountVectorizer().fit(references)
@@ -380,8 +387,8 @@ def classifier_scores(path: str, texts: list, args: Args, label=None) -> torch.T
 
 
 def reddit_reward(args: Args, references: list):
-    """The paper's five rewards in [0, 1] (reddit.md §3). Safety substitutes a hub classifier for ToxiChat's (not on
-    the hub), on the response alone: its scores are not comparable with the paper's."""
+    """The paper's five rewards in [0, 1] (official utils/rl_utils.py; README table). Safety substitutes a hub
+    classifier for ToxiChat's (not on the hub), on the reply alone: its scores are not comparable with the paper's."""
     paths = {k: hub_path(getattr(args, k)) for k in REWARD_MODELS}  # an unreachable hub fails here, at once
     diversity = tfidf_reward(references)
 
@@ -434,11 +441,13 @@ def reddit_build(args: Args, reward_fn=None):
     the next run reads them back (and they work as --train-file, --val-file, --test-file)."""
     paths = [os.path.join(args.data_dir, name) for name in REDDIT_FILES.values()]
     if not all(map(os.path.isfile, paths)):
-        raise AlolError(f"--data-dir {args.data_dir} must hold {' and '.join(REDDIT_FILES.values())}: download both from "
-                        "Kaggle's \"Reddit comment scores\" (https://www.kaggle.com/code/danofer/reddit-comments-scores-nlp"
-                        f"/input, free account needed) and put them in {os.path.abspath(args.data_dir)}")
+        raise AlolError(f"--data-dir {args.data_dir} must hold {' and '.join(REDDIT_FILES.values())}: download "
+                        "both from Kaggle's \"Reddit comment scores\" (https://www.kaggle.com/code/danofer/"
+                        "reddit-comments-scores-nlp/input, free account needed) and put them in "
+                        f"{os.path.abspath(args.data_dir)}")
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_val", "n_test", "reward_fn", *REWARD_MODELS)}
-    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}))
+    files = {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}
+    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, files))
     names = ("train_pos", "train_neg", "val", "test")
     cached = all(os.path.exists(os.path.join(cache, f"{name}.jsonl")) for name in names)
     if cached:
@@ -463,8 +472,8 @@ def bpe_tokenizer(records: list):
     """Without --model: a byte-level BPE trained on the training text in well under a second (no download)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([t for r in records for t in (r["prompt"], r["response"])], trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
 
@@ -473,13 +482,14 @@ def tiny_gpt2(tok, args: Args):
     """Without --model: a 2-layer, 128-wide GPT-2 (~0.5 M parameters) trained from scratch, fast on 2 CPU cores."""
     positions = args.max_prompt_len + max(args.max_response_len, args.eval_max_new_tokens)
     config = transformers.GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=128, n_layer=2, n_head=4,
-                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
     return transformers.GPT2LMHeadModel(config)
 
 
 def hub_path(name: str) -> str:
     """A local folder, an id already in the Hugging Face cache (its folder), or an id the hub can serve; anything
-    else fails within seconds with a message, where from_pretrained would retry for a minute (embedded.md §4)."""
+    else fails within seconds with a message, where from_pretrained would retry for about 47 s."""
     if os.path.isdir(name):
         return name
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an id of the form owner/name
@@ -495,8 +505,9 @@ def hub_path(name: str) -> str:
             raise OSError("HF_HUB_OFFLINE is set")
         socket.create_connection((host, 443), timeout=3).close()
     except OSError as e:
-        raise AlolError(f"{name!r} is not a local folder, not in the Hugging Face cache, and the hub ({host}) cannot be "
-                        f"reached ({e}). Download it where the hub is reachable, or pass a local path.") from None
+        raise AlolError(f"{name!r} is not a local folder, not in the Hugging Face cache, and the hub ({host}) "
+                        f"cannot be reached ({e}). Download it where the hub is reachable, or pass a local "
+                        "path.") from None
     return name
 
 
@@ -512,7 +523,7 @@ def load_tokenizer(path: str):
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Dropout off in every pass: the ratio pi/pi_ref must be exactly 1 at step 0 when theta = ref (algorithm.md §8.5)."""
+    """Dropout off in every pass: pi/pi_ref must be exactly 1 at step 0 when theta = ref (huggingface/trl#744)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -529,7 +540,8 @@ def hidden_states(model, batch: dict, args: Args):
     ids = batch["input_ids"]
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     with autocast(args):
-        return model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions).last_hidden_state
+        out = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions)
+    return out.last_hidden_state
 
 
 def token_logprobs(model, batch: dict, args: Args, hidden=None):
@@ -541,8 +553,8 @@ def token_logprobs(model, batch: dict, args: Args, hidden=None):
     head = model.get_output_embeddings()
     # hidden[:, t] scores token t+1: shift here, the kernel expects aligned targets.
     with autocast(args):
-        logp = kernels.linear_token_logprobs(hidden[:, :-1], head.weight, batch["input_ids"][:, 1:],
-                                             batch["response_mask"][:, 1:], bias=head.bias, backend=args.kernel)  # (B, T-1)
+        logp = kernels.linear_token_logprobs(hidden[:, :-1], head.weight, batch["input_ids"][:, 1:],  # (B, T-1)
+                                             batch["response_mask"][:, 1:], bias=head.bias, backend=args.kernel)
     return F.pad(logp, (1, 0))  # (B, T): no token scores the first one
 
 
@@ -566,8 +578,8 @@ class ValueHead(nn.Module):
 
 
 def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
-    """Paper §2.2: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
-    (algorithm.md §5): the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
+    """As the paper: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
+    from the official code: the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
     10 % of the prompts rather than on training MSE."""
     prompts = sorted({r["prompt"] for r in val_records})
     repeated = [p for p in prompts for _ in range(args.value_samples)]
@@ -602,8 +614,9 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
         if (held_mse := mse(held, False)) < best[0]:
             best = (held_mse, epoch, {k: v.clone() for k, v in head.state_dict().items()})
     head.load_state_dict(best[2])
-    report = {"heldout_mse": best[0], "best_epoch": best[1], "heldout_mse_of_mean": (target[held] - target[fit].mean()).pow(2).mean().item(),
-              "ref_sample_reward": target.mean().item(), "prompts": len(prompts)}
+    report = {"heldout_mse": best[0], "best_epoch": best[1], "prompts": len(prompts),
+              "heldout_mse_of_mean": (target[held] - target[fit].mean()).pow(2).mean().item(),
+              "ref_sample_reward": target.mean().item()}
     return head.eval(), report
 
 
@@ -624,14 +637,15 @@ def fingerprint(*parts) -> str:
 def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args: Args) -> dict:
     """Per-token reference log-probs and V(x) for every training example, computed once.
 
-    Valid because pi_ref and the data are both fixed (algorithm.md §8.1): one model in memory instead of the
+    Valid because pi_ref and the data are both fixed: one model in memory instead of the
     official second copy run every step. The cache key covers every input, so a changed model, data or setting
     can never reuse stale values (the silent-bug class of huggingface/trl#1962).
     """
     settings = {k: getattr(args, k) for k in ("seed", "value_samples", "value_epochs", "value_lr", "max_prompt_len",
                                                "max_response_len", "eval_max_new_tokens", "reward_fn", "task")}
     val_ids = encode(val_records, tok, args)["input_ids"]
-    key = fingerprint(ref, {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}, {"val": val_ids}, settings)
+    layout = {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}
+    key = fingerprint(ref, layout, {"val": val_ids}, settings)
     path = os.path.join(args.cache_dir, f"frozen-{key}.pt")
     if os.path.exists(path):
         print(f"reference log-probs and V(x): loaded from cache {path}")
@@ -639,10 +653,11 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
     head, report = train_value_head(ref, tok, val_records, reward_fn, args)
     ref_logp, value = torch.zeros(train["input_ids"].shape), torch.zeros(len(train["reward"]))
     with torch.no_grad():
-        for idx in tqdm(torch.arange(len(value)).split(args.eval_batch_size), desc="reference log-probs", leave=False, disable=None):
+        chunks = torch.arange(len(value)).split(args.eval_batch_size)
+        for idx in tqdm(chunks, desc="reference log-probs", leave=False, disable=None):
             batch = {k: v.to(args.device) for k, v in take(train, idx).items()}
             hidden = hidden_states(ref, batch, args)  # (b, T, H): one pass gives log-probs and V's input
-            ref_logp[idx, :hidden.shape[1]] = token_logprobs(ref, batch, args, hidden).cpu()  # (b, T) log pi_ref(y_t|..)
+            ref_logp[idx, :hidden.shape[1]] = token_logprobs(ref, batch, args, hidden).cpu()  # (b, T) log pi_ref
             value[idx] = head(hidden.float(), batch["prompt_mask"]).cpu()  # (b,) V(x)
     frozen = {"ref_logp": ref_logp, "value": value, "value_report": report, "key": key}
     os.makedirs(args.cache_dir, exist_ok=True)
@@ -662,7 +677,8 @@ def advantage_stats(advantage: torch.Tensor) -> dict:
 def sampling_schedule(n: int, weights, epochs: int, per_step: int, seed: int) -> torch.Tensor:
     """Example indices for every optimiser step, [steps, per_step], drawn up front from a seeded generator so
     that a resumed run replays exactly the same batches. weights=None: shuffled epochs over all n examples.
-    Otherwise priority sampling (paper §2.3): only examples with weight > 0, drawn i.i.d. with P(i) ~ weight_i."""
+    Otherwise priority sampling (the official -ts option): only examples with weight > 0, drawn i.i.d. with
+    P(i) ~ weight_i."""
     g = torch.Generator().manual_seed(seed)
     kept = n if weights is None else int((weights > 0).sum())
     steps = epochs * math.ceil(kept / per_step)
@@ -677,11 +693,11 @@ def sampling_schedule(n: int, weights, epochs: int, per_step: int, seed: int) ->
 # 7. The loss family
 # ---------------------------------------------------------------------------------------------------------------
 def alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.9, kl_beta=0.1, return_stats=False):
-    """A-LoL and its baselines (Baheti et al., ICLR 2024, https://arxiv.org/abs/2305.14718, Eq. 4-6).
+    """A-LoL and its baselines (Baheti et al., ICLR 2024, https://arxiv.org/abs/2305.14718).
 
     Formula (A-LoL):  loss = -(1/B) sum_b  sg[clip(rho_b, 1-eps, 1+eps)] * A+_b * sum_t m_bt * logp_bt
     Where: rho_b = pi_theta(y|x) / pi_ref(y|x) = exp(sum_t m_bt (logp_bt - ref_logp_bt)), A+_b = max(R_b - V_b, 0),
-    sg = stop-gradient. Other algos change the weight (official semantics, shared/notes/algorithm.md §3):
+    sg = stop-gradient. Other algos change the weight (official train_generation_task_with_off_policy_PG.py):
     nll 1, wbc R, r_gold R * sg[max(pi_t, 0.1)] per token, r_lol sg[clip(rho)] * R, a_lol_ref_free A+,
     a_lol_seq A+ * sg[clip(rho_t)] per token, a_lol_kl A+ plus beta * (log pi_theta(y|x) - log pi_ref(y|x)).
     Shapes: logp (with grad), ref_logp, mask: [B, T]; reward R, value V: [B]. Returns a scalar; the sum over
@@ -694,8 +710,11 @@ def alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.9, k
     token_log_ratio = logp.detach() - ref_logp  # (B, T) log rho_t; weights are constants in autograd
     log_ratio = token_log_ratio if algo == "a_lol_seq" else token_log_ratio.sum(-1)  # (B, T) or (B,)
     # Clamp in log space before exp: a 128-token sum overflows exp() (inf * 0 = NaN at A = 0). For eps < 1 this is
-    # exactly clip(exp(.), 1-eps, 1+eps); with no clip, +-20 is a guard the official code lacks (algorithm.md §8.3).
-    lo, hi = (-20.0, 20.0) if clip_eps is None else (math.log(1 - clip_eps) if clip_eps < 1 else -math.inf, math.log1p(clip_eps))
+    # exactly clip(exp(.), 1-eps, 1+eps); with no clip, +-20 is a guard the official code lacks (OpenRLHF#1293).
+    if clip_eps is None:
+        lo, hi = -20.0, 20.0
+    else:
+        lo, hi = math.log(1 - clip_eps) if clip_eps < 1 else -math.inf, math.log1p(clip_eps)
     ratio = log_ratio.clamp(lo, hi).exp()  # (B,) or (B, T)
     adv = (reward - value).clamp(min=0)  # (B,) A+
     match algo:  # the weight of each sequence's (or token's) log-prob; a constant in autograd
@@ -714,7 +733,8 @@ def alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.9, k
         return loss
     on = on if ratio.dim() == 2 else torch.ones_like(ratio, dtype=torch.bool)  # stats over real tokens only
     clipped = ((log_ratio < lo) | (log_ratio > hi))[on]
-    return loss, {"ratio": ratio[on].mean().item(), "clip_frac": clipped.float().mean().item(), "adv": adv.mean().item()}
+    return loss, {"ratio": ratio[on].mean().item(), "clip_frac": clipped.float().mean().item(),
+                  "adv": adv.mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -784,7 +804,8 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
             sched.step()
             optim.zero_grad(set_to_none=True)
             log.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}", adv=f"{row['adv']:.2f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}",
+                            adv=f"{row['adv']:.2f}")
             if (step + 1) % args.save_every == 0 or step + 1 == len(schedule):
                 log.flush()
                 save_checkpoint(policy, tok, optim, sched, step + 1, ckpt)
@@ -802,7 +823,8 @@ def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
         torch.manual_seed(args.seed)  # the same draws whatever ran before
         decode = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
     else:
-        decode = {"do_sample": False, "num_beams": args.eval_num_beams, "repetition_penalty": args.eval_repetition_penalty}
+        decode = {"do_sample": False, "num_beams": args.eval_num_beams,
+                  "repetition_penalty": args.eval_repetition_penalty}
     responses = []
     for i in range(0, len(prompts), args.eval_batch_size):
         # Left padding and left truncation for generation: new tokens are appended at the right end.
@@ -822,7 +844,8 @@ def text_metrics(responses: list, scores: dict) -> dict:
         grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
         return len(set(grams)) / max(len(grams), 1)
 
-    return {"reward": scores["reward"].mean().item(), "components": {k: v.mean().item() for k, v in scores.items() if k != "reward"},
+    return {"reward": scores["reward"].mean().item(),
+            "components": {k: v.mean().item() for k, v in scores.items() if k != "reward"},
             "distinct_1": distinct(1), "distinct_2": distinct(2), "distinct_3": distinct(3),
             "length": sum(map(len, words)) / max(len(words), 1)}
 
@@ -833,15 +856,16 @@ def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str
     if args.resume and os.path.exists(metrics_path):
         return json.load(open(metrics_path))
     prompts = [r["prompt"] for r in test_records]
-    sampled, greedy = generate(model, tok, prompts, args, sample=True), generate(model, tok, prompts, args, sample=False)
+    sampled = generate(model, tok, prompts, args, sample=True)
+    greedy = generate(model, tok, prompts, args, sample=False)
     both = score(reward_fn, prompts * 2, sampled + greedy)  # one call: reward models load once
     scores, greedy_reward = {k: v[:len(prompts)] for k, v in both.items()}, both["reward"][len(prompts):]
     metrics = text_metrics(sampled, scores)
     metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics}
     os.makedirs(run_dir, exist_ok=True)
     write_atomic(os.path.join(run_dir, "generations.jsonl"), "".join(
-        json.dumps({"prompt": p, "sampled": s, "greedy": g, "reward_sampled": r.item(), "reward_greedy": rg.item()}) + "\n"
-        for p, s, g, r, rg in zip(prompts, sampled, greedy, scores["reward"], greedy_reward)))
+        json.dumps({"prompt": p, "sampled": s, "greedy": g, "reward_sampled": r, "reward_greedy": rg}) + "\n"
+        for p, s, g, r, rg in zip(prompts, sampled, greedy, scores["reward"].tolist(), greedy_reward.tolist())))
     write_atomic(metrics_path, json.dumps(metrics, indent=1))
     return metrics
 
@@ -864,12 +888,15 @@ def report(results: dict, advantage: torch.Tensor, out_dir: str):
         lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
     table = "\n".join(lines)
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
-    write_atomic(os.path.join(out_dir, "results.md"), f"# A-LoL results: task {results['task']}, seed {results['seed']}\n\n"
-                 f"Mean over {results['n_test']} test prompts; components and distinct-n of the sampled generations.\n\n{table}\n")
+    write_atomic(os.path.join(out_dir, "results.md"), f"# A-LoL results: task {results['task']}, seed {results['seed']}"
+                 f"\n\nMean over {results['n_test']} test prompts; components and distinct-n of the sampled "
+                 "generations."
+                 f"\n\n{table}\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     bars = left.bar(list(rows), [m["reward_sampled"] for m in rows.values()], color="tab:blue", label="sampled")
     left.bar_label(bars, fmt="%.2f")
-    left.plot(list(rows)[1:], [m["reward_greedy"] for m in list(rows.values())[1:]], "o", color="tab:orange", label="greedy")
+    models = list(rows)[1:]  # the data has no greedy decode
+    left.plot(models, [rows[m]["reward_greedy"] for m in models], "o", color="tab:orange", label="greedy")
     left.set(ylabel="mean test reward", title="reward of test generations")
     left.tick_params(axis="x", rotation=30)
     left.legend()
@@ -907,7 +934,8 @@ def prepare_out_dir(args: Args) -> str:
             raise AlolError(f"--out-dir {out} already holds a different run (differs in: {', '.join(differ[:6])}); "
                             "pass --overwrite to replace it, or choose another --out-dir")
         if not args.resume:
-            raise AlolError(f"--out-dir {out} already holds this run; pass --resume to continue it or --overwrite to restart")
+            raise AlolError(f"--out-dir {out} already holds this run; pass --resume to continue it or --overwrite "
+                            "to restart")
     if args.overwrite:
         shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
@@ -932,7 +960,7 @@ def main(args: Args) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # 4. Reference policy: given, or NLL on the training data from the initial policy (paper §3)
+    # 4. Reference policy: given, or NLL on the training data from the initial policy (the paper's recipe)
     source = args.ref_model or args.model
     tok = load_tokenizer(source) if source else bpe_tokenizer(splits["train"])
     tok.padding_side = tok.truncation_side = "left"  # for generate(); encode() lays out its own right padding
@@ -946,8 +974,9 @@ def main(args: Args) -> dict:
     ref.requires_grad_(False)
     test = splits["test"]
     data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
+    data_scores["reward"] = sum(data_scores.values())
     results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
-               "data": text_metrics([r["response"] for r in test], {**data_scores, "reward": sum(data_scores.values())}),
+               "data": text_metrics([r["response"] for r in test], data_scores),
                "reference": evaluate(ref, tok, test, reward_fn, args, ref_dir)}
     print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
           f"{results['reference']['reward_sampled']:.3f} sampled, {results['reference']['reward_greedy']:.3f} greedy")
@@ -963,9 +992,10 @@ def main(args: Args) -> dict:
           f"A = R - V: mean {a['mean']:+.3f}, median {a['median']:+.3f}, {a['frac_positive']:.1%} positive "
           f"({int((advantage > 0).sum())} of {len(advantage)} examples kept by A-LoL)")
     if any(algo.startswith("a_lol") for algo in algos) and not (advantage > 0).any():
-        raise AlolError(f"every training advantage A = R - V(x) is <= 0 (max {advantage.max():.3f}): the reference policy "
-                        "already earns at least the reward of every offline response, so A-LoL has nothing to learn "
-                        f"from. Check the rewards of --train-file, or use a weaker reference. Run kept in {out_dir}.")
+        raise AlolError(f"every training advantage A = R - V(x) is <= 0 (max {advantage.max():.3f}): the reference "
+                        "policy already earns at least the reward of every offline response, so A-LoL has nothing to "
+                        "learn from. Check the rewards of --train-file, or use a weaker reference. Run kept in "
+                        f"{out_dir}.")
 
     # 7-9. Each method from the same reference, then its evaluation
     results["methods"] = {}

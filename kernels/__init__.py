@@ -10,7 +10,7 @@ Convention: targets[b, t] is the token scored by logits[b, t] (or hidden[b, t]);
 prompt and padding tokens cost no FLOPs, and their logits, hidden states and targets are never read.
 
 Log-sum-exp, log-probs, sequence sums and ratios are fp32 whatever the input dtype (fp32, fp16, bf16): bf16
-logits put a 20-37 % error into exp(S - S_ref) at T = 128, as wide as the clip range (shared/notes/kernels.md §4).
+logits put a 20-37 % error into exp(S - S_ref) at T = 128, as wide as the clip range (tutorial.md, the kernel chapter).
 
 Backends: `backend=None` reads ALOL_KERNEL_BACKEND (default "auto").
     auto   - Triton for CUDA tensors; the Triton interpreter if TRITON_INTERPRET=1; else the chunked PyTorch path

@@ -9,7 +9,8 @@ import torch
 
 import alol
 
-# shared/notes/algorithm.md §4: inputs and the official losses, for eps = 0.9, 0.2 and None.
+# Computed by hand from a line-by-line transcription of the official loss code (tutorial.md, section 7):
+# inputs and the official losses, for eps = 0.9, 0.2 and None.
 LOGP = [[-1.0, -2.0, -0.5], [-0.3, -1.0, -5.0], [-2.0, -1.0, -1.0]]
 REF_LOGP = [[-1.2, -2.5, -0.4], [-1.5, -2.0, -0.7], [-1.0, -1.0, -1.0]]
 MASK = [[1, 1, 1], [1, 1, 0], [1, 1, 1]]

@@ -153,7 +153,7 @@ def test_alol_sequence_loss_matches_fp64(dtype, source, backend):
 
 
 def test_alol_test_vectors():
-    """shared/notes/algorithm.md §4, fed through per-token logits: with V = 2, logits (a, 0) and target 0 give
+    """The hand-computed A-LoL vectors (tests/test_alol.py), fed through per-token logits: with V = 2, logits (a, 0) and target 0 give
     log p = -log(1 + e^-a), so a = log(p / (1 - p)) reproduces any token log-prob."""
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, -5.0], [-2.0, -1.0, -1.0]], dtype=torch.float64)
     ref_logp = torch.tensor([[-1.2, -2.5, -0.4], [-1.5, -2.0, -0.7], [-1.0, -1.0, -1.0]])
