@@ -251,7 +251,7 @@ def load_jsonl(path: str, flag: str) -> list:
     """Rows {prompt, response, reward | rewards}. Every error names the file and line."""
     if not os.path.isfile(path):
         raise AlolError(f"{flag}: no such file: {path}")
-    import datasets  # only needed for user data; the toy task does not pay for its import
+    import datasets  # only for JSONL (user data, the Reddit cache): the toy task does not pay for its import
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse error is reported below, with its line
@@ -376,7 +376,8 @@ def classifier_scores(path: str, texts: list, args: Args, label=None) -> torch.T
     index = None if model.config.num_labels == 1 else label(model.config)
     texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
     out = []
-    for i in range(0, len(texts), args.eval_batch_size):
+    for i in tqdm(range(0, len(texts), args.eval_batch_size), desc=f"reward {os.path.basename(path)}", leave=False,
+                  disable=None):
         enc = tok(texts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
         logits = model(**enc.to(args.device)).logits.float()  # (b, classes)
         out.append(torch.sigmoid(logits[:, 0]) if index is None else logits.softmax(-1)[:, index])
@@ -826,7 +827,7 @@ def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
         decode = {"do_sample": False, "num_beams": args.eval_num_beams,
                   "repetition_penalty": args.eval_repetition_penalty}
     responses = []
-    for i in range(0, len(prompts), args.eval_batch_size):
+    for i in tqdm(range(0, len(prompts), args.eval_batch_size), desc="generate", leave=False, disable=None):
         # Left padding and left truncation for generation: new tokens are appended at the right end.
         enc = tok(prompts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True,
                   max_length=args.max_prompt_len, add_special_tokens=False).to(args.device)
