@@ -937,8 +937,10 @@ def prepare_out_dir(args: Args) -> str:
         if not args.resume:
             raise AlolError(f"--out-dir {out} already holds this run; pass --resume to continue it or --overwrite "
                             "to restart")
-    if args.overwrite:
-        shutil.rmtree(out, ignore_errors=True)
+    if args.overwrite and os.path.isdir(out) and os.listdir(out):
+        if not os.path.exists(config_path):  # never delete a folder that is not an alol run (--out-dir .)
+            raise AlolError(f"--out-dir {out} is not empty and holds no alol run (no config.json): not deleting it")
+        shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     write_atomic(config_path, json.dumps(dataclasses.asdict(args), indent=1))
     return out

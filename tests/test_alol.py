@@ -310,6 +310,11 @@ def test_out_dir_holding_another_run(tmp_path):
     alol.prepare_out_dir(small_args(tmp_path, "--resume", "--algo", "all"))  # adding methods to the same run is fine
     alol.prepare_out_dir(small_args(tmp_path, "--seed", "5", "--overwrite"))
     assert json.load(open(tmp_path / "run" / "config.json"))["seed"] == 5
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(alol.AlolError, match="holds no alol run"):
+        alol.prepare_out_dir(small_args(tmp_path, "--out-dir", str(tmp_path / "precious"), "--overwrite"))
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
 def test_all_advantages_non_positive_is_explained(tmp_path):
