@@ -12,8 +12,10 @@ ICLR 2024, https://arxiv.org/abs/2305.14718. The tutorial (tutorial.md) follows 
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -152,6 +154,11 @@ def parse_args(argv=None) -> Args:
         p.error(f"unknown --algo {','.join(unknown)!r}; choose from {', '.join(ALGOS)} or all")
     if args.clip_eps is not None and args.clip_eps <= 0:
         p.error("--clip-eps must be > 0, or `none` for no clipping")
+    sizes = ["epochs", "ref_epochs", "batch_size", "grad_accum", "value_samples", "n_val", "n_test", "max_prompt_len",
+             "max_response_len", "save_every", "eval_max_new_tokens", "eval_num_beams", "eval_batch_size"]
+    too_small = [k for k in sizes + ["n_train"] * (args.task == "toy") if getattr(args, k) < 1]
+    if too_small:
+        p.error(f"--{too_small[0].replace('_', '-')} must be at least 1")
     files = [args.train_file, args.val_file, args.test_file]
     if any(files) and not all(files):
         p.error("--train-file, --val-file and --test-file go together")
@@ -371,7 +378,7 @@ def classifier_scores(path: str, texts: list, args: Args, label=None) -> torch.T
     and freed after it, so reward models never share the GPU with the policy's training; fp16 on CUDA."""
     tok = load_tokenizer(path)
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    model = from_pretrained(transformers.AutoModelForSequenceClassification, path, dtype=dtype).to(args.device).eval()
     model.config.pad_token_id = tok.pad_token_id  # GPT-2 classifiers take the last token before the padding
     index = None if model.config.num_labels == 1 else label(model.config)
     texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
@@ -488,37 +495,52 @@ def tiny_gpt2(tok, args: Args):
     return transformers.GPT2LMHeadModel(config)
 
 
+@functools.lru_cache(maxsize=None)
+def hub_unreachable(host: str) -> str:
+    """Why the hub cannot be reached, or "": one 3-second probe per run instead of a minute of retries."""
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return ""
+    except OSError as e:
+        return str(e)
+
+
 def hub_path(name: str) -> str:
-    """A local folder, an id already in the Hugging Face cache (its folder), or an id the hub can serve; anything
-    else fails within seconds with a message, where from_pretrained would retry for about 47 s."""
+    """A local folder; a Hugging Face id when the hub answers (from_pretrained then fetches what the cache lacks);
+    else the id's folder in the cache. Anything else fails within seconds with a message."""
     if os.path.isdir(name):
         return name
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an id of the form owner/name
         raise AlolError(f"{name}: no such folder")
     import huggingface_hub
 
+    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    why = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else hub_unreachable(host)
+    if not why:
+        return name
     try:
         return huggingface_hub.snapshot_download(name, local_files_only=True)
-    except Exception:  # not cached (or not a valid id): the hub must serve it
-        host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
-    try:
-        if huggingface_hub.constants.HF_HUB_OFFLINE:
-            raise OSError("HF_HUB_OFFLINE is set")
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as e:
+    except Exception:
         raise AlolError(f"{name!r} is not a local folder, not in the Hugging Face cache, and the hub ({host}) "
-                        f"cannot be reached ({e}). Download it where the hub is reachable, or pass a local "
+                        f"cannot be reached ({why}). Download it where the hub is reachable, or pass a local "
                         "path.") from None
-    return name
+
+
+def from_pretrained(cls, name: str, **kwargs):
+    """cls.from_pretrained(name) through hub_path; a missing or incomplete download is one line of error."""
+    try:
+        return cls.from_pretrained(hub_path(name), **kwargs)
+    except OSError as e:
+        raise AlolError(f"cannot load {name!r}: {e}") from None
 
 
 def load_policy(path: str, args: Args):
-    policy = transformers.AutoModelForCausalLM.from_pretrained(hub_path(path), dtype=torch.float32)
+    policy = from_pretrained(transformers.AutoModelForCausalLM, path, dtype=torch.float32)
     return disable_dropout(policy).to(args.device)
 
 
 def load_tokenizer(path: str):
-    tok = transformers.AutoTokenizer.from_pretrained(hub_path(path))
+    tok = from_pretrained(transformers.AutoTokenizer, path)
     tok.pad_token = tok.pad_token or tok.eos_token  # GPT-2 has no pad token; padding is masked anyway
     return tok
 
@@ -583,6 +605,9 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
     from the official code: the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
     10 % of the prompts rather than on training MSE."""
     prompts = sorted({r["prompt"] for r in val_records})
+    if len(prompts) < 2:
+        raise AlolError(f"the value head needs 2 or more distinct validation prompts (one is held out), got "
+                        f"{len(prompts)}")
     repeated = [p for p in prompts for _ in range(args.value_samples)]
     scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=True))
     target = scores["reward"].view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
@@ -643,7 +668,12 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
     can never reuse stale values (the silent-bug class of huggingface/trl#1962).
     """
     settings = {k: getattr(args, k) for k in ("seed", "value_samples", "value_epochs", "value_lr", "max_prompt_len",
-                                               "max_response_len", "eval_max_new_tokens", "reward_fn", "task")}
+                                               "max_response_len", "eval_max_new_tokens", "reward_fn", "task",
+                                               "device", "bf16", "kernel", *REWARD_MODELS)}
+    try:  # the reward function's code too: V is fitted to its scores
+        settings["reward_source"] = hashlib.sha256(open(inspect.getsourcefile(reward_fn), "rb").read()).hexdigest()
+    except (TypeError, OSError):
+        settings["reward_source"] = repr(reward_fn)
     val_ids = encode(val_records, tok, args)["input_ids"]
     layout = {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}
     key = fingerprint(ref, layout, {"val": val_ids}, settings)
@@ -707,7 +737,8 @@ def alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.9, k
     if clip_eps is not None and clip_eps <= 0:
         raise ValueError("clip_eps must be > 0, or None for no clipping")
     on = mask.bool()
-    logp, ref_logp = logp.masked_fill(~on, 0.0), ref_logp.masked_fill(~on, 0.0)  # masked entries: exactly nothing
+    reward, value = reward.detach(), value.detach()  # constants, whatever the caller passes
+    logp, ref_logp = logp.masked_fill(~on, 0.0), ref_logp.detach().masked_fill(~on, 0.0)  # masked entries: 0
     token_log_ratio = logp.detach() - ref_logp  # (B, T) log rho_t; weights are constants in autograd
     log_ratio = token_log_ratio if algo == "a_lol_seq" else token_log_ratio.sum(-1)  # (B, T) or (B,)
     # Clamp in log space before exp: a 128-token sum overflows exp() (inf * 0 = NaN at A = 0). For eps < 1 this is
@@ -791,7 +822,7 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
-        rows = [r for r in open(log_path)] if os.path.exists(log_path) else []
+        rows = [r for r in open(log_path) if r.endswith("\n")] if os.path.exists(log_path) else []  # not a cut line
         write_atomic(log_path, "".join(r for r in rows if json.loads(r)["step"] <= start))
     policy.train()
     with open(log_path, "a" if start else "w") as log:

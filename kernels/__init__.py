@@ -43,6 +43,8 @@ def _ops(backend, x):
         raise ValueError(f"unknown kernel backend {name!r}; choose from {BACKENDS}")
     if name == "torch":
         return torch_ops
+    if name == "auto" and x.is_cuda and x.dtype == torch.float64:
+        return torch_ops  # tl.dot has no fp64 path on GPUs; fp64 (gradcheck) runs the PyTorch path
     runnable = triton_ops is not None and (x.is_cuda or triton_ops.INTERPRET)
     if name == "triton" and not runnable:
         why = ("triton is not installed" if triton_ops is None

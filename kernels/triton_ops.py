@@ -24,6 +24,9 @@ set it before importing this module; bf16 `tl.dot` is wrong there (bf16 is emula
 are upcast to fp32 (UPCAST); fp32 -> bf16 stores truncate, so gradients are stored in fp32 and cast by PyTorch;
 autotuning needs a GPU, so the interpreter gets a single config.
 """
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +34,15 @@ import triton.language as tl
 from .torch_ops import amp_bwd, amp_fwd
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
+
+
+def on_input_device(method):
+    """Triton launches on the current CUDA device: make it the input's (for a model on cuda:1, say)."""
+    @functools.wraps(method)
+    def wrapper(ctx, x, *args):
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            return method(ctx, x, *args)
+    return wrapper
 
 # Bytes of dZ ([token chunk, V] in the input dtype) materialised at once in the linear backward.
 DZ_BYTES = 256 * 2**20
@@ -63,7 +75,7 @@ def _logits_fwd_kernel(z_ptr, b_idx_ptr, t_idx_ptr, y_ptr, lse_ptr, logp_ptr, V,
     m = float("-inf")
     s = 0.0
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: cols * stride_v cannot overflow
         z = tl.load(row + cols * stride_v, mask=cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))  # finite: every block holds at least one real column
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -91,6 +103,7 @@ def _logits_bwd_kernel(z_ptr, dz_ptr, b_idx_ptr, t_idx_ptr, y_ptr, lse_ptr, g_pt
 class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     @amp_fwd
+    @on_input_device
     def forward(ctx, logits, b_idx, t_idx, y):
         n, V = y.shape[0], logits.shape[-1]
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -104,6 +117,7 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @amp_bwd
+    @on_input_device
     def backward(ctx, g):
         logits, b_idx, t_idx, y, lse = ctx.saved_tensors
         n, V = y.shape[0], logits.shape[-1]
@@ -171,7 +185,7 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_part_ptr, zy_part_ptr, N,
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     z_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):  # an empty range leaves lse_s = -inf, z_y = 0: neutral in the merge
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # W's row offsets reach V * H > 2**31
         col_ok = cols < V
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, HAS_BIAS, BLOCK_N,
                          BLOCK_V, BLOCK_K, UPCAST, PRECISION)
@@ -221,6 +235,7 @@ def _default_splits(n, V, device):
 class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     @amp_fwd
+    @on_input_device
     def forward(ctx, h, weight, bias, y, splits, chunk_tokens):
         n, H = h.shape
         V = weight.shape[0]
@@ -240,6 +255,7 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     @amp_bwd
+    @on_input_device
     def backward(ctx, g):
         h, weight, bias, y, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -259,7 +275,7 @@ class LinearLogprobs(torch.autograd.Function):
             dz = dz.to(h.dtype)
             if need_h:
                 torch.mm(dz, weight, out=dh[i:j])
-            if need_w:  # several token chunks accumulate in fp32
+            if need_w:  # each chunk's product is in the input dtype; several chunks accumulate in fp32
                 part = dz.T @ h[i:j]
                 dw = part if dw is None else dw.float().add_(part)
             if need_b:

@@ -76,6 +76,14 @@ def test_loss_gradients_are_minus_weight_over_batch():
     assert torch.allclose(logp.grad[0], torch.full((3,), (0.1 - 0.3) / 3, dtype=torch.float64), atol=1e-6)
 
 
+def test_loss_weights_are_constants_whatever_the_caller_passes():
+    logp, ref_logp, mask, reward, value = vectors()
+    ref_logp, reward, value = (x.clone().requires_grad_() for x in (ref_logp, reward, value))
+    for algo in EXPECTED:
+        alol.alol_loss(logp, ref_logp, mask, reward, value, algo, 0.9).backward()
+        assert ref_logp.grad is None and reward.grad is None and value.grad is None, algo
+
+
 def test_loss_masked_entries_do_not_matter():
     logp, ref_logp, mask, reward, value = vectors()
     for algo in EXPECTED:
@@ -194,12 +202,13 @@ def test_frozen_quantities_cache(toy, tmp_path):
         fresh = alol.token_logprobs(ref, alol.take(train, idx), args)
     assert torch.allclose(cached["ref_logp"][idx, :fresh.shape[1]], fresh, atol=1e-5)
     assert (cached["ref_logp"] != 0).sum() == train["response_mask"].sum()
-    changed = alol.Args(**{**vars(args), "value_samples": 3})
-    assert alol.frozen_quantities(ref, tok, train, toy["splits"]["val"], alol.toy_reward, changed)["key"] != first["key"]
+    for setting, value in (("value_samples", 3), ("bf16", False)):  # V's data; the log-probs' precision on CUDA
+        changed = alol.Args(**{**vars(args), setting: value})
+        assert alol.frozen_quantities(ref, tok, train, toy["splits"]["val"], alol.toy_reward, changed)["key"] != first["key"]
     with torch.no_grad():
         ref.transformer.wte.weight[0, 0] += 1.0  # a different reference model
     assert alol.frozen_quantities(ref, tok, train, toy["splits"]["val"], alol.toy_reward, args)["key"] != first["key"]
-    assert len(os.listdir(tmp_path)) == 3
+    assert len(os.listdir(tmp_path)) == 4
 
 
 def test_priority_sampling_keeps_positive_advantages_only():
@@ -241,6 +250,8 @@ def test_resume_reproduces_uninterrupted_weights(toy, tmp_path, monkeypatch):
         alol.train_policy(alol.load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "cut"), args, 2, 1e-3)
     monkeypatch.setattr(alol, "accumulate_gradients", real)
     assert torch.load(tmp_path / "cut" / "checkpoint" / "trainer_state.pt")["step"] == 4
+    with open(tmp_path / "cut" / "log.jsonl", "a") as log:
+        log.write('{"step": 5, "lo')  # a line cut short by the kill
     resumed_args = alol.Args(**{**vars(args), "resume": True})
     resumed = alol.train_policy(alol.load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "cut"), resumed_args, 2, 1e-3)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -283,7 +294,9 @@ def test_missing_data_file(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [(["--algo", "nll,ppo"], "unknown --algo 'ppo'"), (["--task", "chess"], "invalid choice: 'chess'"),
-                                          (["--clip-eps", "0"], "--clip-eps must be > 0"), (["--train-file", "x"], "go together")])
+                                          (["--clip-eps", "0"], "--clip-eps must be > 0"), (["--train-file", "x"], "go together"),
+                                          (["--epochs", "0"], "--epochs must be at least 1"),
+                                          (["--n-train", "0"], "--n-train must be at least 1")])
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         alol.parse_args(argv)
@@ -315,6 +328,14 @@ def test_out_dir_holding_another_run(tmp_path):
     with pytest.raises(alol.AlolError, match="holds no alol run"):
         alol.prepare_out_dir(small_args(tmp_path, "--out-dir", str(tmp_path / "precious"), "--overwrite"))
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_value_head_needs_two_prompts(tmp_path):
+    rows = [{"prompt": "r/pets : any tips for cats ?", "response": r, "reward": 1.0} for r in ["ok", "good luck !"] * 6]
+    path = write_jsonl(tmp_path / "one_prompt.jsonl", rows)
+    args = small_args(tmp_path, "--train-file", path, "--val-file", path, "--test-file", path)
+    with pytest.raises(alol.AlolError, match="2 or more distinct validation prompts"):
+        alol.main(args)
 
 
 def test_all_advantages_non_positive_is_explained(tmp_path):

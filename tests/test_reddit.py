@@ -138,11 +138,25 @@ def test_unreachable_hub_fails_at_once(reddit, tmp_path, monkeypatch):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(alol.socket, "create_connection", no_network)
+    alol.hub_unreachable.cache_clear()  # the probe's answer is kept for the run
     with pytest.raises(alol.AlolError, match=r"the hub \(huggingface\.co\) cannot be reached \(Network is unreachable\)"):
         alol.hub_path("nobody/no-such-model")
     with pytest.raises(alol.AlolError, match="cannot be reached"):  # the whole run, before anything is written
         alol.main(reddit_args(reddit, tmp_path, "--depth-model", "microsoft/DialogRPT-depth"))
     assert not (tmp_path / "run").exists() and time.time() - start < 30
+    alol.hub_unreachable.cache_clear()
+
+
+def test_reachable_hub_gets_the_id_not_a_partial_cache(monkeypatch):
+    """When the hub answers, from_pretrained gets the id, so it can fetch files an earlier download lacked."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(alol, "hub_unreachable", lambda host: "")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: "/partial/cache/folder")
+    assert alol.hub_path("microsoft/DialogRPT-depth") == "microsoft/DialogRPT-depth"
+    monkeypatch.setattr(alol, "hub_unreachable", lambda host: "no route")  # unreachable: the cache is all there is
+    assert alol.hub_path("microsoft/DialogRPT-depth") == "/partial/cache/folder"
 
 
 def test_reddit_end_to_end(reddit, tmp_path, monkeypatch):
