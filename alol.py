@@ -624,7 +624,7 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
     def mse(idx, train):
         batch = {k: v.to(args.device) for k, v in take(data, idx).items()}
         with torch.set_grad_enabled(train):
-            with torch.no_grad():
+            with torch.no_grad():  # recomputed per batch: storing [P, T, H] would take GBs for Reddit's 2000 prompts
                 hidden = hidden_states(ref, batch, args).float()  # (b, T, H) of the frozen reference
             loss = F.mse_loss(head(hidden, batch["prompt_mask"]), target[idx].to(args.device))
         if train:
