@@ -2,6 +2,7 @@
 
     python -m kernels.bench                 # B=16, T=128, H=1024, V=50257 (DialoGPT-medium), 70 % response tokens
     python -m kernels.bench --small -r 3    # a quick look
+    python -m kernels.bench --dtype bf16    # one input dtype (default: fp32 and bf16 on CPU, bf16 on CUDA)
 
 Providers (all give the same loss; each gets hidden [B, T, H] and the head weight [V, H] with requires_grad):
   naive         the official code's way: logits = h @ W.T for every position, fp32 log_softmax, gather, masked sum
@@ -16,8 +17,9 @@ change of load then hits all of them alike). Peak extra memory: over one forward
 CUDA max_memory_allocated above what was allocated before; on CPU in a fresh subprocess per provider, the peak
 resident set size (VmHWM, reset through /proc/self/clear_refs) above the resident size before the run, with
 MALLOC_MMAP_THRESHOLD_ set so that freed buffers go back to the OS and RSS follows live memory. That peak includes
-the gradients every provider must return (dW: V*H, dH: B*T*H elements; 214 MB in fp32 at the default shape), so
-"work MB" also shows it without them: the memory a provider needs beyond its inputs and outputs. TFLOP/s count
+the gradients every provider must return (dW: V*H, dH: B*T*H elements; 214 MB in fp32 and 107 MB in bf16 at the
+default shape), so "work MB" also shows it without them: the memory a provider needs beyond its inputs and outputs.
+In fp32 the returned dW alone is 0.175 x the naive peak, so no provider's total can go below that ratio there. TFLOP/s count
 6*N_r*H*V for forward+backward (N_r response tokens), whatever a provider really computes, against the 798 TFLOP/s
 measured for a bf16 GEMM on an H100.
 """
@@ -82,9 +84,11 @@ def providers(device):
     return found
 
 
-def make_inputs(a, device):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_inputs(a, device, dtype):
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     hidden = torch.randn(a.B, a.T, a.H, device=device).to(dtype).requires_grad_()
     weight = (0.02 * torch.randn(a.V, a.H, device=device)).to(dtype).requires_grad_()
     targets = torch.randint(0, a.V, (a.B, a.T), device=device)
@@ -120,10 +124,10 @@ def _proc_mb(key):
     return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 
 
-def time_all(names, a, device):
+def time_all(names, a, device, dtype):
     """Median forward, backward and forward+backward seconds per provider, providers interleaved run by run so that
     a change in machine load (a shared CPU) hits all of them alike."""
-    found, inputs = providers(device), make_inputs(a, device)
+    found, inputs = providers(device), make_inputs(a, device, dtype)
     for name in names:
         fwd_bwd(found[name], inputs, device)  # warm-up: library initialisation, autotuning
     runs = {name: [] for name in names}
@@ -135,9 +139,9 @@ def time_all(names, a, device):
             for name, r in runs.items()}
 
 
-def peak_memory(name, a, device):
+def peak_memory(name, a, device, dtype):
     """Peak memory (MiB) of one forward+backward above what was allocated before it, after a warm-up run."""
-    fn, inputs = providers(device)[name], make_inputs(a, device)
+    fn, inputs = providers(device)[name], make_inputs(a, device, dtype)
     fwd_bwd(fn, inputs, device)
     for x in inputs[:2]:
         x.grad = None
@@ -153,44 +157,28 @@ def peak_memory(name, a, device):
     return _proc_mb("VmHWM") - base
 
 
-def peak_memory_in_subprocess(name, a):
+def peak_memory_in_subprocess(name, a, dtype_name):
     """peak_memory() on CPU in a fresh interpreter, so that no provider inherits another one's heap."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, "-m", "kernels.bench", "--worker", name, *a.shape_args]
+    cmd = [sys.executable, "-m", "kernels.bench", "--worker", name, f"--dtype={dtype_name}", *a.shape_args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, default=16, help="sequences")
-    p.add_argument("--T", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--H", type=int, default=1024, help="hidden size (DialoGPT-medium: 1024)")
-    p.add_argument("--V", type=int, default=50257, help="vocabulary size (GPT-2: 50257)")
-    p.add_argument("--frac", type=float, default=0.7, help="fraction of response tokens per sequence")
-    p.add_argument("-r", "--repeats", type=int, default=5, help="timed runs per provider (the median is shown)")
-    p.add_argument("--small", action="store_true", help="B=4, T=64, H=256, V=8192")
-    p.add_argument("--worker", metavar="PROVIDER", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.small:
-        a.B, a.T, a.H, a.V = 4, 64, 256, 8192
-    a.shape_args = [f"--B={a.B}", f"--T={a.T}", f"--H={a.H}", f"--V={a.V}", f"--frac={a.frac}",
-                    f"--repeats={a.repeats}"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.worker:
-        print(peak_memory(a.worker, a, device))
-        return
-
+def report(a, device, dtype_name):
+    """Time and measure every provider on inputs of one dtype; print the table."""
+    dtype = DTYPES[dtype_name]
     n_resp = a.B * round(a.frac * a.T)
     flops = 6 * n_resp * a.H * a.V
     print(f"A-LoL sequence loss from hidden states on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
           f" ({torch.get_num_threads()} threads): B={a.B} T={a.T} H={a.H} V={a.V}, {n_resp} response tokens, "
-          f"{'bf16' if device == 'cuda' else 'fp32'} inputs, median of {a.repeats}")
+          f"{dtype_name} inputs, median of {a.repeats}")
     names = list(providers(device))
-    rows = time_all(names, a, device)
+    rows = time_all(names, a, device, dtype)
     for name in names:
-        rows[name]["peak_mb"] = peak_memory(name, a, device) if device == "cuda" else peak_memory_in_subprocess(name, a)
-    grad_mb = (a.V + a.B * a.T) * a.H * (2 if device == "cuda" else 4) / 2**20
+        rows[name]["peak_mb"] = (peak_memory(name, a, device, dtype) if device == "cuda"
+                                 else peak_memory_in_subprocess(name, a, dtype_name))
+    grad_mb = (a.V + a.B * a.T) * a.H * dtype.itemsize / 2**20
     base = rows["naive"]
     header = f"{'provider':<14}{'loss':>12}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'x naive':>8}" \
              f"{'peak MB':>9}{'x naive':>8}{'work MB':>9}{'x naive':>8}"
@@ -204,6 +192,35 @@ def main():
             tflops = flops / r["total"] / 1e12
             line += f"{tflops:>9.1f}{100 * tflops / H100_TFLOPS:>7.1f}"
         print(line)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, default=16, help="sequences")
+    p.add_argument("--T", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--H", type=int, default=1024, help="hidden size (DialoGPT-medium: 1024)")
+    p.add_argument("--V", type=int, default=50257, help="vocabulary size (GPT-2: 50257)")
+    p.add_argument("--frac", type=float, default=0.7, help="fraction of response tokens per sequence")
+    p.add_argument("--dtype", choices=list(DTYPES), action="append",
+                   help="input dtype of hidden and weight, repeatable (default: fp32 and bf16 on CPU, bf16 on CUDA)")
+    p.add_argument("-r", "--repeats", type=int, default=5, help="timed runs per provider (the median is shown)")
+    p.add_argument("--small", action="store_true", help="B=4, T=64, H=256, V=8192")
+    p.add_argument("--worker", metavar="PROVIDER", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.small:
+        a.B, a.T, a.H, a.V = 4, 64, 256, 8192
+    a.shape_args = [f"--B={a.B}", f"--T={a.T}", f"--H={a.H}", f"--V={a.V}", f"--frac={a.frac}",
+                    f"--repeats={a.repeats}"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype_names = a.dtype or (["bf16"] if device == "cuda" else ["fp32", "bf16"])
+    if a.worker:
+        print(peak_memory(a.worker, a, device, DTYPES[dtype_names[0]]))
+        return
+    for i, dtype_name in enumerate(dtype_names):
+        if i:
+            print()
+        report(a, device, dtype_name)
+
 
 if __name__ == "__main__":
     main()

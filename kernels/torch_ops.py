@@ -25,13 +25,16 @@ Maths (per token n, logits z = W h_n + b, target y_n, upstream gradient g_n):
 The dense part -g*p needs the logits again (recomputed chunk by chunk from h, W and the saved lse); the
 sparse part +g*onehot(y) is added into the tile that holds each target, so the two GEMMs see the whole dz.
 """
+import contextlib
+
 import torch
 
-# Budget for one fp32 logits tile. 32 MiB keeps the tile near the CPU's caches' reach while each GEMM
-# ([tokens, H] x [H, vocab chunk]) stays large enough to run at full BLAS speed.
-TILE_BYTES = 32 * 2**20
-# Token chunks this long make the dW update a rank-4096 GEMM: dW (V*H floats) is read and written once per
-# token chunk, so fewer, longer chunks mean less memory traffic.
+# Budget for one fp32 logits tile. The linear path's working memory is this tile plus an fp32 copy of a weight chunk
+# (and of its dW slice, for bf16 weights) of about the same size: about 50 MB at DialoGPT-medium's shape, where
+# each GEMM ([1440, H] x [H, 2900]) still runs at full BLAS speed (kernels/bench.py: 32 MiB was no faster).
+TILE_BYTES = 16 * 2**20
+# Token chunks this long make the dW update a rank-4096 GEMM: a vocabulary chunk's fp32 dW accumulator is read and
+# written once per token chunk, so fewer, longer chunks mean less memory traffic.
 MAX_CHUNK_TOKENS = 4096
 
 # The public functions run these autograd Functions with autocast off. custom_fwd/custom_bwd replay that state in
@@ -81,12 +84,30 @@ class TokenLogprobs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _logits_chunk(h, weight, bias, v0, v1):
-    """z = h @ W[v0:v1].T + b[v0:v1] in h's (accumulation) dtype."""
-    w = weight[v0:v1].to(h.dtype)
+def _logits_chunk(h, w, bias, v0, v1):
+    """z = h @ w.T + b[v0:v1], with w = W[v0:v1] already in h's (accumulation) dtype."""
     if bias is None:
         return h @ w.T
     return torch.addmm(bias[v0:v1].to(h.dtype), h, w.T)
+
+
+@contextlib.contextmanager
+def _gemm_precision(dtype):
+    """For bf16 inputs, let the fp32 GEMMs round their operands to bf16 and accumulate in fp32
+    (float32_matmul_precision "medium": oneDNN on CPUs with bf16 units, TF32 on GPUs; elsewhere plain fp32).
+    At DialoGPT-medium's shape this is about 2x faster than IEEE fp32 on a CPU with AMX. The logits stay exact: h
+    and W hold bf16 values, which that rounding leaves unchanged. Only dz is rounded on its way into the dH and dW
+    GEMMs, as the Triton backward stores it in bf16. Other input dtypes keep the caller's setting. The setting is
+    process-wide while the loops run, and restored after them."""
+    if dtype != torch.bfloat16:
+        yield
+        return
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -97,15 +118,17 @@ class LinearLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, bias, y, chunk_tokens, chunk_vocab):
         acc = _acc_dtype(h.dtype)
         lse = torch.full((h.shape[0],), -torch.inf, dtype=acc, device=h.device)
-        for i, j in _spans(h.shape[0], chunk_tokens):
-            hc = h[i:j].to(acc)
+        h_acc = h.to(acc)  # [N, H]
+        with _gemm_precision(h.dtype):
             for v0, v1 in _spans(weight.shape[0], chunk_vocab):
-                z = _logits_chunk(hc, weight, bias, v0, v1)
-                zmax = z.amax(dim=1)
-                chunk_lse = zmax + z.sub_(zmax[:, None]).exp_().sum(dim=1).log()  # in place: no second tile
-                lse[i:j] = torch.logaddexp(lse[i:j], chunk_lse)
+                w = weight[v0:v1].to(acc)  # [Cv, H]
+                for i, j in _spans(h.shape[0], chunk_tokens):
+                    z = _logits_chunk(h_acc[i:j], w, bias, v0, v1)  # [Ct, Cv] fp32 tile
+                    zmax = z.amax(dim=1)
+                    chunk_lse = zmax + z.sub_(zmax[:, None]).exp_().sum(dim=1).log()  # in place: no second tile
+                    lse[i:j] = torch.logaddexp(lse[i:j], chunk_lse)
         # The target logit is one dot product per token; no need to find it inside the tiles.
-        target = (h.to(acc) * weight[y].to(acc)).sum(dim=1)
+        target = (h_acc * weight[y].to(acc)).sum(dim=1)
         if bias is not None:
             target += bias[y].to(acc)
         ctx.save_for_backward(h, weight, bias, y, lse)
@@ -119,28 +142,38 @@ class LinearLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         chunk_tokens, chunk_vocab = ctx.chunks
         acc, g = lse.dtype, g.to(lse.dtype)
-        # beta=0 on the first write of each slice (vocab chunk 0 for dh, token chunk 0 for dw) lets the GEMMs
-        # overwrite uninitialised memory instead of zero-filling dW (V*H floats) and reading it back.
-        dh = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
-        dw = (torch.empty if h.shape[0] else torch.zeros)(weight.shape, dtype=acc, device=h.device) if need_w else None
+        h_acc = h.to(acc)  # [N, H]
+        dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
+        # Vocabulary chunks outside, token chunks inside: each slice dW[v0:v1] is complete when its chunk ends, so
+        # it is written once in the weight's dtype and the only fp32 dW buffer is one chunk (a bf16 model never
+        # holds a V x H fp32 copy). An fp32 slice is its own accumulator.
+        dw = (torch.empty if h.shape[0] else torch.zeros)(weight.shape, dtype=weight.dtype, device=h.device) \
+            if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
-        for i, j in _spans(h.shape[0], chunk_tokens):
-            hc, yc, gc = h[i:j].to(acc), y[i:j], g[i:j]
+        with _gemm_precision(h.dtype):
             for v0, v1 in _spans(weight.shape[0], chunk_vocab):
-                # dz = g * (onehot(y) - p): -g * p with p recomputed from h, W and the saved lse, then +g at the
-                # targets that fall in this chunk, in fp32 before any rounding. One write per token, so the result
-                # is bitwise reproducible (CPU index_put_(accumulate=True) is not: its thread order varies).
-                dz = _logits_chunk(hc, weight, bias, v0, v1).sub_(lse[i:j, None]).exp_().mul_(-gc[:, None])
-                rows = ((yc >= v0) & (yc < v1)).nonzero().squeeze(1)
-                dz[rows, yc[rows] - v0] += gc[rows]
-                if need_h:
-                    dh[i:j].addmm_(dz, weight[v0:v1].to(acc), beta=0 if v0 == 0 else 1)
-                if need_w:
-                    dw[v0:v1].addmm_(dz.T, hc, beta=0 if i == 0 else 1)
-                if need_b:
-                    db[v0:v1] += dz.sum(dim=0)
-        return (dh.to(h.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
-                db.to(bias.dtype) if need_b else None, None, None, None)
+                w = weight[v0:v1].to(acc)  # [Cv, H]
+                dw_c = None
+                if need_w and h.shape[0]:
+                    dw_c = dw[v0:v1] if dw.dtype == acc else torch.empty(w.shape, dtype=acc, device=h.device)
+                for i, j in _spans(h.shape[0], chunk_tokens):
+                    yc, gc = y[i:j], g[i:j]
+                    # dz = g * (onehot(y) - p): -g * p with p recomputed from h, W and the saved lse, then +g at
+                    # the targets that fall in this chunk, in fp32 before any rounding. One write per token, so the
+                    # result is bitwise reproducible (CPU index_put_(accumulate=True) is not: its thread order varies).
+                    dz = _logits_chunk(h_acc[i:j], w, bias, v0, v1).sub_(lse[i:j, None]).exp_().mul_(-gc[:, None])
+                    rows = ((yc >= v0) & (yc < v1)).nonzero().squeeze(1)
+                    dz[rows, yc[rows] - v0] += gc[rows]
+                    if need_h:
+                        dh[i:j].addmm_(dz, w)
+                    if dw_c is not None:
+                        # beta=0 on the first token chunk: the GEMM overwrites uninitialised memory, no zero-fill.
+                        dw_c.addmm_(dz.T, h_acc[i:j], beta=0 if i == 0 else 1)
+                    if need_b:
+                        db[v0:v1] += dz.sum(dim=0)
+                if dw_c is not None and dw_c.dtype != dw.dtype:
+                    dw[v0:v1] = dw_c
+        return (dh.to(h.dtype) if need_h else None, dw, db.to(bias.dtype) if need_b else None, None, None, None)
 
 
 def token_logprobs(logits, b_idx, t_idx, y, chunk_rows=None):

@@ -275,6 +275,26 @@ def test_chunking_does_not_change_results(backend, monkeypatch):
         assert_grad_close(logits.grad, ref_logits.grad, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_linear_chunks_in_low_precision(dtype):
+    """bf16/fp16 weights on the chunked path: every dW slice sums several token chunks in fp32 before its one cast
+    to the weight's dtype; log-probs stay exact (bf16 GEMMs run at "medium" precision, fp16 ones at the caller's)."""
+    hidden, weight, bias, targets, mask = make_case(2, 64, 128, 4099, dtype)
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    y = targets[b_idx, t_idx]
+    h, w, b = leaf(hidden[b_idx, t_idx]), leaf(weight), leaf(bias)
+    h64, w64, b64 = leaf(h, torch.float64), leaf(w, torch.float64), leaf(b, torch.float64)
+    ref = ref_token_logprobs(logits_of(h64, w64, b64), y, torch.ones_like(y))
+    out = torch_ops.linear_logprobs(h, w, b, y, chunk_tokens=7, chunk_vocab=333)
+    grad_out = torch.randn(y.shape)
+    (out * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=LOGP_ATOL)
+    for got, want in [(h, h64), (w, w64), (b, b64)]:
+        assert got.grad.dtype == dtype
+        assert_grad_close(got.grad, want.grad, dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source", ["logits", "hidden"])
 @pytest.mark.parametrize("eps", [0.2, None])
@@ -411,6 +431,24 @@ def test_autocast_runs_the_head_in_the_autocast_dtype():
     assert out.dtype == torch.float32 and w.grad.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=LOGP_ATOL)
     assert_grad_close(w.grad, w64.grad, torch.bfloat16)
+
+
+@pytest.mark.parametrize("caller_precision", ["highest", "high"])
+def test_bf16_path_restores_the_callers_matmul_precision(caller_precision):
+    """bf16 inputs lower float32_matmul_precision to "medium" only while their GEMMs run (torch_ops._gemm_precision):
+    the caller's setting is back after the forward and after the backward."""
+    hidden, weight, _, targets, mask = make_case(3, 17, 72, 1000, bias=False)
+    h, w = leaf(hidden.bfloat16()), leaf(weight.bfloat16())
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(caller_precision)
+        out = kernels.linear_token_logprobs(h, w, targets, mask, backend="torch")
+        assert torch.get_float32_matmul_precision() == caller_precision
+        out.sum().backward()
+        assert torch.get_float32_matmul_precision() == caller_precision
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert w.grad.dtype == torch.bfloat16
 
 
 def test_out_of_range_target_is_an_error():
