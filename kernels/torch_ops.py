@@ -14,8 +14,9 @@ The naive path (the official A-LoL code) for N tokens, vocabulary V and hidden s
     scatter g into zeros              write N*V
     softmax backward                  read 2*N*V, write N*V
     dH = dZ @ W, dW = dZ.T @ h        read N*V twice
-so at least three N*V fp32 buffers are alive together, for a result of N floats. Here the peak is one
-[chunk_tokens, chunk_vocab] tile, and every FLOP is spent on response tokens only (the caller compacts them).
+so at least three N*V fp32 buffers are alive together, for a result of N floats. Here the working memory is one
+[chunk_tokens, chunk_vocab] fp32 tile and one vocabulary chunk of W (and of dW) in fp32, and every FLOP is spent on
+response tokens only (the caller compacts them).
 
 Maths (per token n, logits z = W h_n + b, target y_n, upstream gradient g_n):
     lse_n  = log sum_v exp(z_v)                      online over vocab chunks: lse <- logaddexp(lse, lse_chunk)
