@@ -142,20 +142,22 @@ class LinearLogprobs(torch.autograd.Function):
         h, weight, bias, y, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         chunk_tokens, chunk_vocab = ctx.chunks
+        if not h.shape[0]:  # no response token: every gradient is zero
+            return (torch.zeros_like(h) if need_h else None, torch.zeros_like(weight) if need_w else None,
+                    torch.zeros_like(bias) if need_b else None, None, None, None)
         acc, g = lse.dtype, g.to(lse.dtype)
         h_acc = h.to(acc)  # [N, H]
         dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
         # Vocabulary chunks outside, token chunks inside: each slice dW[v0:v1] is complete when its chunk ends, so
         # it is written once in the weight's dtype and the only fp32 dW buffer is one chunk (a bf16 model never
         # holds a V x H fp32 copy). An fp32 slice is its own accumulator.
-        dw = (torch.empty if h.shape[0] else torch.zeros)(weight.shape, dtype=weight.dtype, device=h.device) \
-            if need_w else None
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=h.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
         with _gemm_precision(h.dtype):
             for v0, v1 in _spans(weight.shape[0], chunk_vocab):
                 w = weight[v0:v1].to(acc)  # [Cv, H]
                 dw_c = None
-                if need_w and h.shape[0]:
+                if need_w:
                     dw_c = dw[v0:v1] if dw.dtype == acc else torch.empty(w.shape, dtype=acc, device=h.device)
                 for i, j in _spans(h.shape[0], chunk_tokens):
                     yc, gc = y[i:j], g[i:j]
