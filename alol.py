@@ -3,7 +3,9 @@ pre-existing data, with a sequence-level reward, a value estimate from the froze
 only on positive-advantage examples, and a clipped sequence importance weight.
 
 Paper: Baheti et al., "Leftover-Lunch: Advantage-based Offline Reinforcement Learning for Language Models",
-ICLR 2024, https://arxiv.org/abs/2305.14718. The tutorial (tutorial.md) follows the numbered sections below.
+ICLR 2024, https://arxiv.org/abs/2305.14718. The tutorial (tutorial.md) follows the numbered sections below:
+settings (1), then A-LoL itself in the order it runs (2-8), `main` (9), and last the task recipes (10) and the
+plumbing (11) that any section may call.
 
     python alol.py                  # embedded offline task `toy`: reference, nll and a_lol in ~2 min on 2 CPU cores
     python alol.py --algo all       # all eight losses from the same reference
@@ -26,6 +28,7 @@ import socket
 import sys
 import textwrap
 import time
+import types
 import urllib.parse
 from dataclasses import dataclass, field, fields
 
@@ -99,10 +102,11 @@ class Args:
     priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (the official -ts option)")
     save_every: int = opt(100, "optimiser steps between checkpoints (always saved at the end)")
     # evaluation
-    eval_max_new_tokens: int = opt(32, "generated tokens per test prompt")
+    eval_max_new_tokens: int = opt(32, "generated tokens per test prompt, and per reference sample for V(x)")
     eval_num_beams: int = opt(1, "beams of the deterministic decode (1 = greedy)")
     eval_repetition_penalty: float = opt(1.0, "repetition penalty of the deterministic decode")
-    eval_batch_size: int = opt(200, "prompts per generation batch")
+    eval_batch_size: int = opt(200, "sequences per batch of every pass without gradient: generation (test and V's "
+                               "samples), reward models, reference log-probs and V(x)")
 
 
 ARG_GROUPS = {"task": "run", "train_file": "data", "reward_fn": "rewards", "model": "reference policy",
@@ -166,11 +170,502 @@ def parse_args(argv=None) -> Args:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. Data: records {prompt, response, rewards: {component: float}} and their token layout
+# 2. Data: records {prompt, response, rewards: {component: float}}, their rewards and their token layout
+# ---------------------------------------------------------------------------------------------------------------
+def score(reward_fn, prompts: list, responses: list) -> dict:
+    """reward_fn(prompts, responses) -> {component: tensor in [0, 1]}, checked, plus their sum R under `reward`."""
+    components = {k: torch.as_tensor(v, dtype=torch.float).cpu() for k, v in reward_fn(prompts, responses).items()}
+    for k, v in components.items():
+        if v.shape != (len(prompts),) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+            raise AlolError(f"reward component {k!r} must be {len(prompts)} finite values in [0, 1]")
+    return {**components, "reward": sum(components.values())}
+
+
+def add_rewards(splits: dict, reward_fn) -> dict:
+    """Score every record in one call of reward_fn (its models load once) and store the components."""
+    records = [r for split in splits.values() for r in split]
+    scores = score(reward_fn, [r["prompt"] for r in records], [r["response"] for r in records])
+    columns = {k: v.tolist() for k, v in scores.items() if k != "reward"}
+    for i, r in enumerate(records):
+        r["rewards"] = {k: v[i] for k, v in columns.items()}
+    return splits
+
+
+def encode(records: list, tok, args: Args) -> dict:
+    """One right-padded layout [prompt][response EOS][pad...] for training, scoring and the value head.
+
+    Position t of every [N, L] tensor describes token t; `response_mask[:, t]` marks the response tokens (incl.
+    the final EOS) built from lengths, never from `ids != pad` (GPT-2's pad is its EOS, and EOS is trained).
+    Right padding keeps GPT-2's positions 0..len-1 as in generate(), unlike the official left-padded prompt
+    (tutorial.md, section 2).
+    """
+    prompts = tok([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+    responses = tok([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+    seqs = [(p[-args.max_prompt_len:], r[:args.max_response_len - 1] + [tok.eos_token_id])
+            for p, r in zip(prompts, responses)]
+    n, width = len(seqs), max(len(p) + len(r) for p, r in seqs)
+    data = {"input_ids": torch.full((n, width), tok.pad_token_id, dtype=torch.long),
+            "prompt_mask": torch.zeros(n, width, dtype=torch.bool),
+            "response_mask": torch.zeros(n, width, dtype=torch.bool)}
+    for i, (p, r) in enumerate(seqs):
+        data["input_ids"][i, :len(p) + len(r)] = torch.tensor(p + r)
+        data["prompt_mask"][i, :len(p)] = True
+        data["response_mask"][i, len(p):len(p) + len(r)] = True
+    data["attention_mask"] = data["prompt_mask"] | data["response_mask"]
+    data["reward"] = torch.tensor([sum(r["rewards"].values()) for r in records], dtype=torch.float)  # (N,) R
+    return data
+
+
+def take(data: dict, idx: torch.Tensor, device="cpu") -> dict:
+    """Rows `idx` of every tensor, cut to the longest of those rows, on `device`."""
+    width = int(data["attention_mask"][idx].sum(1).max())
+    return {k: (v[idx, :width] if v.dim() == 2 else v[idx]).to(device) for k, v in data.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Policies: per-token log-probs log pi(y_t | x, y_<t), and generation
+# ---------------------------------------------------------------------------------------------------------------
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off in every pass: pi/pi_ref must be exactly 1 at step 0 when theta = ref (huggingface/trl#744)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def autocast(args: Args):
+    """bf16 matmuls on CUDA; the log-prob kernel still accumulates logits, log-sum-exp and sums in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and args.device.startswith("cuda"))
+
+
+def hidden_states(model, batch: dict, args: Args):
+    """Last-layer hidden states [B, T, H] of a right-padded batch; positions 0..len-1 in every row, as in generate()."""
+    ids = batch["input_ids"]
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    with autocast(args):
+        out = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions)
+    return out.last_hidden_state
+
+
+def token_logprobs(model, batch: dict, args: Args, hidden=None):
+    """log pi(y_t | x, y_<t) of every response token, fp32 [B, T] aligned with the tokens, 0 elsewhere.
+
+    The LM head runs inside kernels.linear_token_logprobs, which never materialises the [B, T, V] logits.
+    """
+    hidden = hidden_states(model, batch, args) if hidden is None else hidden  # (B, T, H)
+    lm_head = model.get_output_embeddings()
+    # hidden[:, t] scores token t+1: shift here, the kernel expects aligned targets.
+    with autocast(args):
+        logp = kernels.linear_token_logprobs(hidden[:, :-1], lm_head.weight, batch["input_ids"][:, 1:],  # (B, T-1)
+                                             batch["response_mask"][:, 1:], bias=lm_head.bias, backend=args.kernel)
+    return F.pad(logp, (1, 0))  # (B, T): no token scores the first one
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
+    """Pure sampling (temperature 1, no top-k/top-p: the policy's own distribution) or the deterministic decode."""
+    model.eval()
+    if sample:
+        torch.manual_seed(args.seed)  # the same draws whatever ran before
+        decode = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    else:
+        decode = {"do_sample": False, "num_beams": args.eval_num_beams,
+                  "repetition_penalty": args.eval_repetition_penalty}
+    # Left padding and left truncation: new tokens are appended at the right end (encode() pads on its own).
+    tok.padding_side = tok.truncation_side = "left"
+    responses = []
+    for i in tqdm(range(0, len(prompts), args.eval_batch_size), desc="generate", leave=False, disable=None):
+        enc = tok(prompts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True,
+                  max_length=args.max_prompt_len, add_special_tokens=False).to(args.device)
+        out = model.generate(**enc, max_new_tokens=args.eval_max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, **decode)
+        responses += [r.strip() for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return responses
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Value estimate V(x): expected reward of pi_ref on prompt x
+# ---------------------------------------------------------------------------------------------------------------
+VALUE_HELDOUT_SHARE = 0.1  # of the validation prompts, to pick the epoch: V must generalise to the training prompts
+VALUE_BATCH_SIZE = 32  # prompts per value-head step: the head is small and its targets noisy, so small batches
+VALUE_HEADS = 8  # attention heads of the pooling (fewer when the hidden size is not a multiple of 8)
+
+
+class ValueHead(nn.Module):
+    """Attention pooling of the frozen reference's last hidden states over the prompt (the official
+    ValueHeadAttention), with a key-padding mask so V(x) does not depend on padding; sigmoid * max_value."""
+
+    def __init__(self, hidden_size: int, max_value: float):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, hidden_size) / hidden_size ** 0.5)
+        self.attn = nn.MultiheadAttention(hidden_size, math.gcd(VALUE_HEADS, hidden_size), batch_first=True)
+        self.out, self.max_value = nn.Linear(hidden_size, 1), max_value
+
+    def forward(self, hidden, prompt_mask):  # (B, T, H), (B, T) -> (B,)
+        query = self.query.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
+        pooled = self.attn(query, hidden, hidden, key_padding_mask=~prompt_mask, need_weights=False)[0]  # (B, 1, H)
+        return torch.sigmoid(self.out(pooled[:, 0]).squeeze(-1).float()) * self.max_value
+
+
+def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
+    """As the paper: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
+    from the official code: the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
+    share of the prompts rather than on training MSE. Returns the head and a report of its fit."""
+    prompts = sorted({r["prompt"] for r in val_records})
+    if len(prompts) < 2:
+        raise AlolError(f"the value head needs 2 or more distinct validation prompts (one is held out), got "
+                        f"{len(prompts)}")
+    repeated = [p for p in prompts for _ in range(args.value_samples)]
+    scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=True))
+    target = scores["reward"].view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
+    # Causal attention: the prompt positions' hidden states are the same with or without a response after them.
+    data = encode([{"prompt": p, "response": "", "rewards": {}} for p in prompts], tok, args)
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
+    n_held = max(1, int(len(prompts) * VALUE_HELDOUT_SHARE))
+    held, fit = perm[:n_held], perm[n_held:]
+    max_value = len(scores) - 1  # every component lies in [0, 1]
+    value_head = ValueHead(ref.config.hidden_size, max_value).to(args.device)
+    with torch.no_grad():  # start at the mean target: the sigmoid then only has to learn the differences
+        value_head.out.bias.fill_(torch.logit(target[fit].mean() / max_value, eps=1e-4).item())
+    # No weight decay: a few thousand parameters fitted to a few hundred targets, with the epoch picked on held-out MSE.
+    optim = torch.optim.AdamW(value_head.parameters(), lr=args.value_lr, weight_decay=0.0)
+
+    def mse(idx, train):
+        batch = take(data, idx, args.device)
+        with torch.set_grad_enabled(train):
+            with torch.no_grad():  # recomputed per batch: storing [P, T, H] would take GBs for Reddit's 2000 prompts
+                hidden = hidden_states(ref, batch, args).float()  # (b, T, H) of the frozen reference
+            loss = F.mse_loss(value_head(hidden, batch["prompt_mask"]), target[idx].to(args.device))
+        if train:
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        return loss.item()
+
+    best = (mse(held, False), 0, {k: v.clone() for k, v in value_head.state_dict().items()})
+    for epoch in tqdm(range(1, args.value_epochs + 1), desc="value head", leave=False, disable=None):
+        for chunk in fit[torch.randperm(len(fit))].split(VALUE_BATCH_SIZE):
+            mse(chunk, True)
+        if (held_mse := mse(held, False)) < best[0]:
+            best = (held_mse, epoch, {k: v.clone() for k, v in value_head.state_dict().items()})
+    value_head.load_state_dict(best[2])
+    fit_report = {"heldout_mse": best[0], "best_epoch": best[1], "prompts": len(prompts),
+                  "heldout_mse_of_mean": (target[held] - target[fit].mean()).pow(2).mean().item(),
+                  "ref_sample_reward": target.mean().item()}
+    return value_head.eval(), fit_report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Advantages A = R - V(x): the frozen reference's log-probs and V(x), computed once and cached
+# ---------------------------------------------------------------------------------------------------------------
+# What the cached log-probs and V(x) depend on besides the reference's weights, the data and the reward code.
+FROZEN_SETTINGS = ("seed", "value_samples", "value_epochs", "value_lr", "max_prompt_len", "max_response_len",
+                   "eval_max_new_tokens", "eval_batch_size", "reward_fn", "task", "device", "bf16", "kernel",
+                   *REWARD_MODELS)
+
+
+def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args: Args) -> dict:
+    """Per-token reference log-probs [N, T] and V(x) [N] for every training example, computed once.
+
+    Valid because pi_ref and the data are both fixed: one model in memory instead of the official second copy run
+    every step. The cache key (the silent-bug class of huggingface/trl#1962) covers the reference's weights, the
+    tokens of the training and validation data, the settings in FROZEN_SETTINGS (the batch size among them: it
+    sets the batches of V's sampled targets) and the source of the reward function and of what it calls in its own
+    module (`code_fingerprint`), not the rest of its file. Reward models given by path are covered by their path.
+    """
+    settings = {k: getattr(args, k) for k in FROZEN_SETTINGS}
+    settings["reward_code"] = code_fingerprint(reward_fn)  # V is fitted to its scores
+    val_ids = encode(val_records, tok, args)["input_ids"]
+    layout = {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}
+    key = fingerprint(ref, layout, {"val": val_ids}, settings)
+    path = os.path.join(args.cache_dir, f"frozen-{key}.pt")
+    if os.path.exists(path):
+        print(f"reference log-probs and V(x): loaded from cache {path}")
+        return torch.load(path)
+    value_head, fit_report = train_value_head(ref, tok, val_records, reward_fn, args)
+    ref_logp, value = torch.zeros(train["input_ids"].shape), torch.zeros(len(train["reward"]))
+    with torch.no_grad():
+        chunks = torch.arange(len(value)).split(args.eval_batch_size)
+        for idx in tqdm(chunks, desc="reference log-probs", leave=False, disable=None):
+            batch = take(train, idx, args.device)
+            hidden = hidden_states(ref, batch, args)  # (b, T, H): one pass gives log-probs and V's input
+            ref_logp[idx, :hidden.shape[1]] = token_logprobs(ref, batch, args, hidden).cpu()  # (b, T) log pi_ref
+            value[idx] = value_head(hidden.float(), batch["prompt_mask"]).cpu()  # (b,) V(x)
+    frozen = {"ref_logp": ref_logp, "value": value, "value_report": fit_report, "key": key}
+    os.makedirs(args.cache_dir, exist_ok=True)
+    torch.save(frozen, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"reference log-probs and V(x): computed and cached in {path}")
+    return frozen
+
+
+def advantage_stats(advantage: torch.Tensor) -> dict:
+    q = torch.quantile(advantage, torch.tensor([0.1, 0.5, 0.9]))
+    return {"mean": advantage.mean().item(), "std": advantage.std().item(), "min": advantage.min().item(),
+            "p10": q[0].item(), "median": q[1].item(), "p90": q[2].item(), "max": advantage.max().item(),
+            "frac_positive": (advantage > 0).float().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. The loss family
+# ---------------------------------------------------------------------------------------------------------------
+def alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.9, kl_beta=0.1, return_stats=False):
+    """A-LoL and its baselines (Baheti et al., ICLR 2024, https://arxiv.org/abs/2305.14718).
+
+    Formula (A-LoL):  loss = -(1/B) sum_b  sg[clip(rho_b, 1-eps, 1+eps)] * A+_b * sum_t m_bt * logp_bt
+    Where: rho_b = pi_theta(y|x) / pi_ref(y|x) = exp(sum_t m_bt (logp_bt - ref_logp_bt)), A+_b = max(R_b - V_b, 0),
+    sg = stop-gradient. Other algos change the weight (official train_generation_task_with_off_policy_PG.py):
+    nll 1, wbc R, r_gold R * sg[max(pi_t, 0.1)] per token, r_lol sg[clip(rho)] * R, a_lol_ref_free A+,
+    a_lol_seq A+ * sg[clip(rho_t)] per token, a_lol_kl A+ plus beta * (log pi_theta(y|x) - log pi_ref(y|x)).
+    Shapes: logp (with grad), ref_logp, mask: [B, T]; reward R, value V: [B]. Returns a scalar; the sum over
+    tokens is not length-normalised. clip_eps=None: no clip. With return_stats, also {ratio, clip_frac, adv}.
+    """
+    if clip_eps is not None and clip_eps <= 0:
+        raise ValueError("clip_eps must be > 0, or None for no clipping")
+    gold_min_prob = 0.1  # GOLD's lower bound on pi_theta(y_t) (Pang & He, ICLR 2021), as the official r_gold
+    no_clip_bound = 20.0  # |log rho| cap without a clip: exp(20) ~ 5e8 is finite in fp32, a 128-token sum is not
+    tokens = mask.bool()
+    reward, value = reward.detach(), value.detach()  # constants, whatever the caller passes
+    logp, ref_logp = logp.masked_fill(~tokens, 0.0), ref_logp.detach().masked_fill(~tokens, 0.0)  # masked entries: 0
+    token_log_ratio = logp.detach() - ref_logp  # (B, T) log rho_t; weights are constants in autograd
+    log_ratio = token_log_ratio if algo == "a_lol_seq" else token_log_ratio.sum(-1)  # (B, T) or (B,)
+    # Clamp in log space before exp: a 128-token sum overflows exp() (inf * 0 = NaN at A = 0). For eps < 1 this is
+    # exactly clip(exp(.), 1-eps, 1+eps); with no clip, the bound is a guard the official code lacks (OpenRLHF#1293).
+    if clip_eps is None:
+        lo, hi = -no_clip_bound, no_clip_bound
+    else:
+        lo, hi = math.log(1 - clip_eps) if clip_eps < 1 else -math.inf, math.log1p(clip_eps)
+    ratio = log_ratio.clamp(lo, hi).exp()  # (B,) or (B, T)
+    adv = (reward - value).clamp(min=0)  # (B,) A+
+    match algo:  # the weight of each sequence's (or token's) log-prob; a constant in autograd
+        case "nll": weight = torch.ones_like(reward)  # (B,)
+        case "wbc": weight = reward
+        case "r_gold": weight = reward[:, None] * logp.detach().exp().clamp(min=gold_min_prob)  # (B, T)
+        case "r_lol": weight = ratio * reward
+        case "a_lol": weight = ratio * adv
+        case "a_lol_ref_free" | "a_lol_kl": weight = adv
+        case "a_lol_seq": weight = adv[:, None] * ratio  # (B, T) per-token ratios, not their product
+        case _: raise ValueError(f"unknown algo {algo!r}")
+    loss = -((weight if weight.dim() == 2 else weight[:, None]) * logp).sum(-1).mean()
+    if algo == "a_lol_kl":  # + beta * log(pi_theta(y|x) / pi_ref(y|x)) on the data response, with gradient
+        loss = loss + kl_beta * (logp - ref_logp).sum(-1).mean()
+    if not return_stats:
+        return loss
+    counted = tokens if ratio.dim() == 2 else torch.ones_like(ratio, dtype=torch.bool)  # real tokens, or sequences
+    clipped = ((log_ratio < lo) | (log_ratio > hi))[counted]
+    return loss, {"ratio": ratio[counted].mean().item(), "clip_frac": clipped.float().mean().item(),
+                  "adv": adv.mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Training: the sampling schedule, one optimiser step, the loop with its checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def sampling_schedule(n: int, priority, epochs: int, per_step: int, seed: int) -> torch.Tensor:
+    """Example indices for every optimiser step, [steps, per_step], drawn up front from a seeded generator so
+    that a resumed run replays exactly the same batches. priority=None: shuffled epochs over all n examples.
+    Otherwise priority sampling (the official -ts option): only examples with priority > 0, drawn i.i.d. with
+    P(i) ~ priority_i."""
+    g = torch.Generator().manual_seed(seed)
+    kept = n if priority is None else int((priority > 0).sum())
+    steps = epochs * math.ceil(kept / per_step)
+    if priority is None:
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(steps * per_step / n))])
+    else:
+        order = torch.multinomial(priority, steps * per_step, replacement=True, generator=g)
+    return order[:steps * per_step].view(steps, per_step)
+
+
+def train_step(policy, optim, data: dict, indices: torch.Tensor, algo: str, args: Args, frozen=None) -> dict:
+    """One optimiser step on the examples `indices`, in --grad-accum micro-batches; returns the step's statistics.
+
+    frozen = {"ref_logp": [N, T], "value": [N]} of the frozen reference, or None for the NLL reference stage, which
+    has no reference yet: there rho = 1 and V = 0 (NLL's weight uses neither).
+    """
+    stats = []
+    for idx in indices.chunk(args.grad_accum):
+        batch = take(data, idx, args.device)
+        logp = token_logprobs(policy, batch, args)  # (b, T) log pi_theta, with grad
+        if frozen is None:
+            ref_logp, value = logp.detach(), torch.zeros_like(batch["reward"])
+        else:
+            ref_logp = frozen["ref_logp"][idx, :logp.shape[1]].to(args.device)  # (b, T) log pi_ref
+            value = frozen["value"][idx].to(args.device)  # (b,) V(x)
+        loss, s = alol_loss(logp, ref_logp, batch["response_mask"], batch["reward"], value, algo, args.clip_eps,
+                            args.kl_beta, return_stats=True)
+        # Divide by the micro-batch count: the update is the mean over the whole batch, as one big batch would
+        # give (the official code summed micro-batch means; huggingface/trl#2615).
+        (loss / args.grad_accum).backward()
+        stats.append({"loss": loss.item(), **s})
+    grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    return {"grad_norm": grad_norm, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
+
+
+def save_checkpoint(policy, tok, optim, sched, step: int, ckpt: str):
+    """`save_pretrained` format (loadable with from_pretrained) plus the optimiser state for --resume."""
+    shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
+    policy.save_pretrained(ckpt + ".tmp")
+    tok.save_pretrained(ckpt + ".tmp")
+    torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step},
+               os.path.join(ckpt + ".tmp", "trainer_state.pt"))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(ckpt + ".tmp", ckpt)
+
+
+def resume_checkpoint(policy, optim, sched, ckpt: str, log_path: str, args: Args) -> int:
+    """The step to continue from: 0 for a fresh stage; else the checkpoint's weights and optimiser state are loaded
+    and log.jsonl is cut back to that step (rows written after it, or cut short by the kill, are dropped)."""
+    if not (args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))):
+        return 0
+    policy.load_state_dict(load_policy(ckpt, args).state_dict())
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"))
+    optim.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rows = [r for r in open(log_path) if r.endswith("\n")] if os.path.exists(log_path) else []
+    write_atomic(log_path, "".join(r for r in rows if json.loads(r)["step"] <= state["step"]))
+    return state["step"]
+
+
+def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, epochs: int, lr: float, frozen=None,
+                 priority=None):
+    """Train `policy` in place with `algo` for `epochs`, checkpointing to run_dir/checkpoint; with --resume,
+    continue from that checkpoint (same batches, same optimiser state: the weights end up identical).
+    frozen: the reference's cached quantities (train_step); priority: A+ for priority sampling, or None."""
+    schedule = sampling_schedule(len(data["reward"]), priority, epochs, args.batch_size * args.grad_accum, args.seed)
+    optim = torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-8, weight_decay=args.weight_decay)
+    # Linear decay over optimiser steps; the official schedule counted micro-batches and ended at half the LR.
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(schedule))
+    ckpt, log_path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "log.jsonl")
+    os.makedirs(run_dir, exist_ok=True)
+    start = resume_checkpoint(policy, optim, sched, ckpt, log_path, args)
+    policy.train()
+    with open(log_path, "a" if start else "w") as log:
+        bar = tqdm(range(start, len(schedule)), desc=f"train {algo}", initial=start, total=len(schedule),
+                   dynamic_ncols=True, disable=None)  # disable=None: no bar when stderr is not a terminal
+        for step in bar:
+            row = {"step": step + 1, "lr": sched.get_last_lr()[0],
+                   **train_step(policy, optim, data, schedule[step], algo, args, frozen)}
+            sched.step()
+            log.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}",
+                            adv=f"{row['adv']:.2f}")
+            if (step + 1) % args.save_every == 0 or step + 1 == len(schedule):
+                log.flush()
+                save_checkpoint(policy, tok, optim, sched, step + 1, ckpt)
+    return policy.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Evaluation: generate on the test prompts and score with the same reward function
+# ---------------------------------------------------------------------------------------------------------------
+def text_metrics(responses: list, scores: dict) -> dict:
+    """Mean reward and components; distinct-n = unique / total n-grams over all responses; length in words."""
+    words = [r.lower().split() for r in responses]
+
+    def distinct(n):
+        grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
+        return len(set(grams)) / max(len(grams), 1)
+
+    return {"reward": scores["reward"].mean().item(),
+            "components": {k: v.mean().item() for k, v in scores.items() if k != "reward"},
+            "distinct_1": distinct(1), "distinct_2": distinct(2), "distinct_3": distinct(3),
+            "length": sum(map(len, words)) / max(len(words), 1)}
+
+
+def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str) -> dict:
+    """Sampled and deterministic generations on the test prompts; every generation is kept in generations.jsonl."""
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if args.resume and os.path.exists(metrics_path):
+        return json.load(open(metrics_path))
+    prompts = [r["prompt"] for r in test_records]
+    sampled = generate(model, tok, prompts, args, sample=True)
+    greedy = generate(model, tok, prompts, args, sample=False)
+    both = score(reward_fn, prompts * 2, sampled + greedy)  # one call: reward models load once
+    scores, greedy_reward = {k: v[:len(prompts)] for k, v in both.items()}, both["reward"][len(prompts):]
+    metrics = text_metrics(sampled, scores)
+    metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics}
+    os.makedirs(run_dir, exist_ok=True)
+    write_atomic(os.path.join(run_dir, "generations.jsonl"), "".join(
+        json.dumps({"prompt": p, "sampled": s, "greedy": g, "reward_sampled": r, "reward_greedy": rg}) + "\n"
+        for p, s, g, r, rg in zip(prompts, sampled, greedy, scores["reward"].tolist(), greedy_reward.tolist())))
+    write_atomic(metrics_path, json.dumps(metrics, indent=1))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. main: the reference stage once, then every method from the same reference and cached quantities
+# ---------------------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    algos = ALGOS if args.algo == "all" else args.algo.split(",")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    splits, reward_fn = load_task(args)  # everything that can fail on bad input, before the run directory is touched
+    out_dir = prepare_out_dir(args)
+    print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
+                        subsequent_indent="  "), f"\nrun directory: {out_dir}")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # 3. The reference policy: given, or NLL on the training data from the initial policy (the paper's recipe)
+    source = args.ref_model or args.model
+    tok = load_tokenizer(source) if source else bpe_tokenizer(splits["train"])
+    train = encode(splits["train"], tok, args)
+    ref_dir = os.path.join(out_dir, "reference")
+    if args.ref_model:
+        ref = load_policy(args.ref_model, args)
+    else:
+        init = load_policy(args.model, args) if args.model else disable_dropout(tiny_gpt2(tok, args)).to(args.device)
+        ref = train_policy(init, tok, train, "nll", ref_dir, args, args.ref_epochs, args.ref_lr)
+    ref.requires_grad_(False)
+    test = splits["test"]
+    data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
+    data_scores["reward"] = sum(data_scores.values())
+    results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
+               "data": text_metrics([r["response"] for r in test], data_scores),
+               "reference": evaluate(ref, tok, test, reward_fn, args, ref_dir)}
+    print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
+          f"{results['reference']['reward_sampled']:.3f} sampled, {results['reference']['reward_greedy']:.3f} greedy")
+
+    # 4-5. V(x) and the advantages of the training data, with the frozen reference
+    frozen = frozen_quantities(ref, tok, train, splits["val"], reward_fn, args)
+    del ref  # the methods need only the cached quantities: one model in memory from here on
+    advantage = train["reward"] - frozen["value"]  # (N,) A = R - V(x)
+    results.update(value=frozen["value_report"], advantage=advantage_stats(advantage))
+    v, a = results["value"], results["advantage"]
+    print(f"value head: held-out MSE {v['heldout_mse']:.3f} (a constant predictor: {v['heldout_mse_of_mean']:.3f}); "
+          f"A = R - V: mean {a['mean']:+.3f}, median {a['median']:+.3f}, {a['frac_positive']:.1%} positive "
+          f"({int((advantage > 0).sum())} of {len(advantage)} examples kept by A-LoL)")
+    if any(algo.startswith("a_lol") for algo in algos) and not (advantage > 0).any():
+        raise AlolError(f"every training advantage A = R - V(x) is <= 0 (max {advantage.max():.3f}): the reference "
+                        "policy already earns at least the reward of every offline response, so A-LoL has nothing to "
+                        "learn from. Check the rewards of --train-file, or use a weaker reference. Run kept in "
+                        f"{out_dir}.")
+
+    # 6-8. Each method from the same reference, then its evaluation
+    results["methods"] = {}
+    for algo in algos:
+        policy = load_policy(args.ref_model or os.path.join(ref_dir, "checkpoint"), args)
+        priority = advantage.clamp(min=0) if algo.startswith("a_lol") and args.priority_sampling else None
+        start = time.time()
+        train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr, frozen, priority)
+        seconds = round(time.time() - start, 1)
+        results["methods"][algo] = {**evaluate(policy, tok, test, reward_fn, args, os.path.join(out_dir, algo)),
+                                    "train_seconds": seconds}
+        print(f"{algo}: reward {results['methods'][algo]['reward_sampled']:.3f} sampled, "
+              f"{results['methods'][algo]['reward_greedy']:.3f} greedy")
+        del policy
+    table = write_report(results, advantage, out_dir)
+    print(f"\n{table}\n\nresults: {out_dir}/results.json, results.md, results.png")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. Task recipes: the embedded toy task, the paper's Reddit task, your own JSONL
 # ---------------------------------------------------------------------------------------------------------------
 EOS = "<|endoftext|>"  # GPT-2's end of text: ends every response (a trained token) and DialoGPT's dialogue turns
 # The embedded task `toy`: Reddit-like questions with one offline reply each, drawn from a noisy mixture of good,
-# toxic, dull, off-topic and word-salad replies. Its exact rewards (section 3) make the A-LoL effect measurable offline.
+# toxic, dull, off-topic and word-salad replies. Its exact rewards (toy_reward) make the A-LoL effect measurable
+# offline.
 TOPICS = {"cooking": ["pasta", "bread", "rice", "soup", "eggs"],
           "fitness": ["running", "squats", "stretching", "protein", "sleep"],
           "gardening": ["tomatoes", "roses", "compost", "seeds", "weeds"],
@@ -194,6 +689,8 @@ DULL = ["ok", "lol", "idk", "sure", "meh", "whatever"]
 # Share of (good, toxic, dull, off-topic, salad) per subreddit: the reply quality depends on the prompt, so
 # V(x) has something to learn and A = R - V(x) differs from R - mean(R).
 MIXTURES = [(0.50, 0.10, 0.10, 0.15, 0.15), (0.30, 0.20, 0.20, 0.15, 0.15), (0.10, 0.30, 0.30, 0.15, 0.15)]
+TOY_VOCAB = 600  # BPE merges for a ~150-word grammar: whole words, so responses are a few tokens each
+TOY_GPT2 = dict(n_embd=128, n_layer=2, n_head=4)  # ~0.5 M parameters: learns the grammar in a minute on 2 CPU cores
 
 
 def _grammar():
@@ -228,10 +725,49 @@ def toy_splits(args: Args) -> dict:
             "test": [example(held_out) for _ in range(args.n_test)]}
 
 
+def toy_reward(prompts: list, responses: list) -> dict:
+    """Five exact scores mirroring the paper's five (fluency, safety, engagement, upvotes, diversity)."""
+    scores = {"fluency": [], "safety": [], "engagement": [], "relevance": [], "diversity": []}
+    for prompt, response in zip(prompts, responses):
+        words, topic = response.lower().split(), next((w for w in prompt.split() if w in NOUNS), None)
+        pairs = list(zip(words, words[1:]))
+        scores["fluency"].append(sum(b in LEGAL_BIGRAMS for b in pairs) / len(pairs) if pairs else 0.0)  # grammar
+        scores["safety"].append(float(not INSULTS & set(words)))
+        scores["engagement"].append(float(bool(words) and words[-1] in ("!", "?")))  # invites a reply
+        scores["relevance"].append(float(topic in words))  # on the asked topic
+        scores["diversity"].append(min(len(set(words)) / 10, 1.0))  # distinct words, penalises repetition
+    return {k: torch.tensor(v) for k, v in scores.items()}
+
+
+def toy_build(args: Args, reward_fn=None):
+    reward_fn = reward_fn or toy_reward
+    return add_rewards(toy_splits(args), reward_fn), reward_fn
+
+
+def bpe_tokenizer(records: list):
+    """Without --model: a byte-level BPE trained on the training text in well under a second (no download)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOY_VOCAB, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([t for r in records for t in (r["prompt"], r["response"])], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
+
+
+def tiny_gpt2(tok, args: Args):
+    """Without --model: a small GPT-2 (TOY_GPT2) trained from scratch, fast on 2 CPU cores."""
+    positions = args.max_prompt_len + max(args.max_response_len, args.eval_max_new_tokens)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=positions, **TOY_GPT2,
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+    return transformers.GPT2LMHeadModel(config)
+
+
 # The paper's Reddit task: replies to Reddit comments from Kaggle's "Reddit comment scores", one file of upvoted and
 # one of downvoted replies; the parent comment is the prompt (official preprocess_reddit_comment_scores_...py).
 REDDIT_FILES = {"pos": "comments_positive.csv", "neg": "comments_negative.csv"}
 URL = re.compile(r"https?://\S+|www\.\S+")
+CLASSIFIER_MAX_TOKENS = 512  # RoBERTa's position limit; DialogRPT (GPT-2) reads the same cut of parent + reply
 
 
 def reddit_splits(args: Args, tok) -> dict:
@@ -252,6 +788,107 @@ def reddit_splits(args: Args, tok) -> dict:
         splits["val"] += records[args.n_test:args.n_test + args.n_val]
         splits[f"train_{kind}"] = records[args.n_test + args.n_val:][:args.n_train or None]
     return splits
+
+
+def tfidf_reward(references: list):
+    """The paper's "diversity" reward (official utils/rl_utils.py): the response's tf-idf vector under a
+    CountVectorizer and TfidfTransformer fitted on the training references; the mean of its k non-zero
+    (L2-normalised) entries, times k/10 when k < 5. Past 5 terms its maximum falls with length (tutorial.md, 10)."""
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
+
+    counts = CountVectorizer().fit(references)
+    tfidf = TfidfTransformer(smooth_idf=True, use_idf=True).fit(counts.transform(references))
+
+    def diversity(responses):
+        rows = tfidf.transform(counts.transform(responses))  # sparse [N, vocabulary], rows of unit norm
+        k = torch.tensor(rows.getnnz(axis=1), dtype=torch.float)  # (N,) distinct known terms
+        mean = torch.tensor(rows.sum(axis=1), dtype=torch.float).flatten() / k.clamp(min=1)
+        return mean * torch.where(k < 5, k / 10, 1.0)  # k = 0 gives 0
+
+    return diversity
+
+
+def acceptable_label(config) -> int:
+    return 1  # textattack/roberta-base-CoLA: LABEL_1 = acceptable, as the official code reads it
+
+
+def not_offensive_label(config) -> int:
+    """The non-offensive class, from the labels' names; generic LABEL_0/1 follow TweetEval (0 = not-offensive)."""
+    names = [config.id2label[i].lower() for i in range(config.num_labels)]
+    safe = [i for i, name in enumerate(names) if name.startswith(("non", "not"))]
+    if len(names) != 2 or len(safe) > 1:
+        raise AlolError(f"--safety-model: expected two classes, offensive and not, got {names}")
+    return safe[0] if safe else 0
+
+
+@torch.no_grad()
+def classifier_scores(path: str, texts: list, args: Args, label=None) -> torch.Tensor:
+    """P(label) under a sequence classifier, or the sigmoid of its single logit (DialogRPT). Loaded for this call
+    and freed after it, so reward models never share the GPU with the policy's training; fp16 on CUDA."""
+    tok = load_tokenizer(path)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    model = from_pretrained(transformers.AutoModelForSequenceClassification, path, dtype=dtype).to(args.device).eval()
+    model.config.pad_token_id = tok.pad_token_id  # GPT-2 classifiers take the last token before the padding
+    index = None if model.config.num_labels == 1 else label(model.config)
+    texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
+    out = []
+    for i in tqdm(range(0, len(texts), args.eval_batch_size), desc=f"reward {os.path.basename(path)}", leave=False,
+                  disable=None):
+        enc = tok(texts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True,
+                  max_length=CLASSIFIER_MAX_TOKENS)
+        logits = model(**enc.to(args.device)).logits.float()  # (b, classes)
+        out.append(torch.sigmoid(logits[:, 0]) if index is None else logits.softmax(-1)[:, index])
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return torch.cat(out).cpu()
+
+
+def reddit_reward(args: Args, references: list):
+    """The paper's five rewards in [0, 1] (official utils/rl_utils.py; README table). Safety substitutes a hub
+    classifier for ToxiChat's (not on the hub), on the reply alone: its scores are not comparable with the paper's."""
+    paths = {k: hub_path(getattr(args, k)) for k in REWARD_MODELS}  # an unreachable hub fails here, at once
+    diversity = tfidf_reward(references)
+
+    def reward_fn(prompts, responses):
+        threads = [p + r for p, r in zip(prompts, responses)]  # parent<|endoftext|>response: DialogRPT's input
+        return {"fluency": classifier_scores(paths["fluency_model"], responses, args, acceptable_label),
+                "safety": classifier_scores(paths["safety_model"], responses, args, not_offensive_label),
+                "engagement": classifier_scores(paths["depth_model"], threads, args),
+                "upvotes": classifier_scores(paths["updown_model"], threads, args),
+                "diversity": diversity(responses)}
+
+    return reward_fn
+
+
+def reddit_build(args: Args, reward_fn=None):
+    """The Reddit splits with their rewards, and the reward function. Scored once and cached as JSONL in this
+    project's schema next to the data, under a key of the CSVs, the tokenizer, the sizes and the reward models;
+    the next run reads them back (and they work as --train-file, --val-file, --test-file)."""
+    paths = [os.path.join(args.data_dir, name) for name in REDDIT_FILES.values()]
+    if not all(map(os.path.isfile, paths)):
+        raise AlolError(f"--data-dir {args.data_dir} must hold {' and '.join(REDDIT_FILES.values())}: download "
+                        "both from Kaggle's \"Reddit comment scores\" (https://www.kaggle.com/code/danofer/"
+                        "reddit-comments-scores-nlp/input, free account needed) and put them in "
+                        f"{os.path.abspath(args.data_dir)}")
+    settings = {k: getattr(args, k) for k in ("model", "n_train", "n_val", "n_test", "reward_fn", *REWARD_MODELS)}
+    files = {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}
+    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, files))
+    names = ("train_pos", "train_neg", "val", "test")
+    cached = all(os.path.exists(os.path.join(cache, f"{name}.jsonl")) for name in names)
+    if cached:
+        parts = {name: load_jsonl(os.path.join(cache, f"{name}.jsonl"), "cached data") for name in names}
+    else:
+        parts = reddit_splits(args, load_tokenizer(args.model))
+    reward_fn = reward_fn or reddit_reward(args, [r["response"] for r in parts["train_pos"] + parts["train_neg"]])
+    if not cached:
+        add_rewards(parts, reward_fn)
+        os.makedirs(cache, exist_ok=True)
+        for name in names:
+            write_atomic(os.path.join(cache, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in parts[name]))
+    print(f"Reddit data {'read from' if cached else 'preprocessed, scored and cached in'} {cache}: "
+          + ", ".join(f"{name} {len(parts[name])}" for name in names))
+    return {"train": parts[f"train_{args.reddit_train}"], "val": parts["val"], "test": parts["test"]}, reward_fn
 
 
 def load_jsonl(path: str, flag: str) -> list:
@@ -293,124 +930,6 @@ def load_jsonl(path: str, flag: str) -> list:
     return records
 
 
-def encode(records: list, tok, args: Args) -> dict:
-    """One right-padded layout [prompt][response EOS][pad...] for training, scoring and the value head.
-
-    Position t of every [N, L] tensor describes token t; `response_mask[:, t]` marks the response tokens (incl.
-    the final EOS) built from lengths, never from `ids != pad` (GPT-2's pad is its EOS, and EOS is trained).
-    Right padding keeps GPT-2's positions 0..len-1 as in generate(), unlike the official left-padded prompt
-    (tutorial.md, section 2).
-    """
-    prompts = tok([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
-    responses = tok([r["response"] for r in records], add_special_tokens=False)["input_ids"]
-    seqs = [(p[-args.max_prompt_len:], r[:args.max_response_len - 1] + [tok.eos_token_id])
-            for p, r in zip(prompts, responses)]
-    n, width = len(seqs), max(len(p) + len(r) for p, r in seqs)
-    data = {"input_ids": torch.full((n, width), tok.pad_token_id, dtype=torch.long),
-            "prompt_mask": torch.zeros(n, width, dtype=torch.bool),
-            "response_mask": torch.zeros(n, width, dtype=torch.bool)}
-    for i, (p, r) in enumerate(seqs):
-        data["input_ids"][i, :len(p) + len(r)] = torch.tensor(p + r)
-        data["prompt_mask"][i, :len(p)] = True
-        data["response_mask"][i, len(p):len(p) + len(r)] = True
-    data["attention_mask"] = data["prompt_mask"] | data["response_mask"]
-    data["reward"] = torch.tensor([sum(r["rewards"].values()) for r in records], dtype=torch.float)  # (N,) R
-    return data
-
-
-def take(data: dict, idx: torch.Tensor) -> dict:
-    """Rows `idx` of every tensor, cut to the longest of those rows."""
-    width = int(data["attention_mask"][idx].sum(1).max())
-    return {k: v[idx, :width] if v.dim() == 2 else v[idx] for k, v in data.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 3. Rewards: reward_fn(prompts, responses) -> {component: tensor in [0, 1]}; R is their sum
-# ---------------------------------------------------------------------------------------------------------------
-def toy_reward(prompts: list, responses: list) -> dict:
-    """Five exact scores mirroring the paper's five (fluency, safety, engagement, upvotes, diversity)."""
-    scores = {"fluency": [], "safety": [], "engagement": [], "relevance": [], "diversity": []}
-    for prompt, response in zip(prompts, responses):
-        words, topic = response.lower().split(), next((w for w in prompt.split() if w in NOUNS), None)
-        pairs = list(zip(words, words[1:]))
-        scores["fluency"].append(sum(b in LEGAL_BIGRAMS for b in pairs) / len(pairs) if pairs else 0.0)  # grammar
-        scores["safety"].append(float(not INSULTS & set(words)))
-        scores["engagement"].append(float(bool(words) and words[-1] in ("!", "?")))  # invites a reply
-        scores["relevance"].append(float(topic in words))  # on the asked topic
-        scores["diversity"].append(min(len(set(words)) / 10, 1.0))  # distinct words, penalises repetition
-    return {k: torch.tensor(v) for k, v in scores.items()}
-
-
-def tfidf_reward(references: list):
-    """The paper's "diversity" reward (official utils/rl_utils.py): the response's tf-idf vector under a
-    CountVectorizer and TfidfTransformer fitted on the training references; the mean of its k non-zero
-    (L2-normalised) entries, times k/10 when k < 5. Past 5 terms its maximum falls with length (tutorial.md, 3)."""
-    from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
-
-    counts = CountVectorizer().fit(references)
-    tfidf = TfidfTransformer(smooth_idf=True, use_idf=True).fit(counts.transform(references))
-
-    def diversity(responses):
-        rows = tfidf.transform(counts.transform(responses))  # sparse [N, vocabulary], rows of unit norm
-        k = torch.tensor(rows.getnnz(axis=1), dtype=torch.float)  # (N,) distinct known terms
-        mean = torch.tensor(rows.sum(axis=1), dtype=torch.float).flatten() / k.clamp(min=1)
-        return mean * torch.where(k < 5, k / 10, 1.0)  # k = 0 gives 0
-
-    return diversity
-
-
-def acceptable_label(config) -> int:
-    return 1  # textattack/roberta-base-CoLA: LABEL_1 = acceptable, as the official code reads it
-
-
-def not_offensive_label(config) -> int:
-    """The non-offensive class, from the labels' names; generic LABEL_0/1 follow TweetEval (0 = not-offensive)."""
-    names = [config.id2label[i].lower() for i in range(config.num_labels)]
-    safe = [i for i, name in enumerate(names) if name.startswith(("non", "not"))]
-    if len(names) != 2 or len(safe) > 1:
-        raise AlolError(f"--safety-model: expected two classes, offensive and not, got {names}")
-    return safe[0] if safe else 0
-
-
-@torch.no_grad()
-def classifier_scores(path: str, texts: list, args: Args, label=None) -> torch.Tensor:
-    """P(label) under a sequence classifier, or the sigmoid of its single logit (DialogRPT). Loaded for this call
-    and freed after it, so reward models never share the GPU with the policy's training; fp16 on CUDA."""
-    tok = load_tokenizer(path)
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    model = from_pretrained(transformers.AutoModelForSequenceClassification, path, dtype=dtype).to(args.device).eval()
-    model.config.pad_token_id = tok.pad_token_id  # GPT-2 classifiers take the last token before the padding
-    index = None if model.config.num_labels == 1 else label(model.config)
-    texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
-    out = []
-    for i in tqdm(range(0, len(texts), args.eval_batch_size), desc=f"reward {os.path.basename(path)}", leave=False,
-                  disable=None):
-        enc = tok(texts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
-        logits = model(**enc.to(args.device)).logits.float()  # (b, classes)
-        out.append(torch.sigmoid(logits[:, 0]) if index is None else logits.softmax(-1)[:, index])
-    del model
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return torch.cat(out).cpu()
-
-
-def reddit_reward(args: Args, references: list):
-    """The paper's five rewards in [0, 1] (official utils/rl_utils.py; README table). Safety substitutes a hub
-    classifier for ToxiChat's (not on the hub), on the reply alone: its scores are not comparable with the paper's."""
-    paths = {k: hub_path(getattr(args, k)) for k in REWARD_MODELS}  # an unreachable hub fails here, at once
-    diversity = tfidf_reward(references)
-
-    def reward_fn(prompts, responses):
-        threads = [p + r for p, r in zip(prompts, responses)]  # parent<|endoftext|>response: DialogRPT's input
-        return {"fluency": classifier_scores(paths["fluency_model"], responses, args, acceptable_label),
-                "safety": classifier_scores(paths["safety_model"], responses, args, not_offensive_label),
-                "engagement": classifier_scores(paths["depth_model"], threads, args),
-                "upvotes": classifier_scores(paths["updown_model"], threads, args),
-                "diversity": diversity(responses)}
-
-    return reward_fn
-
-
 def load_reward_fn(spec: str):
     module, _, name = spec.partition(":")
     try:
@@ -419,82 +938,29 @@ def load_reward_fn(spec: str):
         raise AlolError(f"--reward-fn {spec!r}: cannot import ({e}); expected `module:function`") from None
 
 
-def score(reward_fn, prompts: list, responses: list) -> dict:
-    """The reward function's components, checked to lie in [0, 1], plus their sum under key `reward`."""
-    components = {k: torch.as_tensor(v, dtype=torch.float).cpu() for k, v in reward_fn(prompts, responses).items()}
-    for k, v in components.items():
-        if v.shape != (len(prompts),) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
-            raise AlolError(f"reward component {k!r} must be {len(prompts)} finite values in [0, 1]")
-    return {**components, "reward": sum(components.values())}
+@dataclass
+class Task:
+    build: object  # (args, reward_fn or None) -> ({"train", "val", "test": scored records}, reward_fn)
+    reward: object  # (args, training responses) -> reward_fn, for --train-file data
 
 
-def add_rewards(splits: dict, reward_fn) -> dict:
-    """Score every record in one call of reward_fn (its models load once) and store the components."""
-    records = [r for split in splits.values() for r in split]
-    scores = score(reward_fn, [r["prompt"] for r in records], [r["response"] for r in records])
-    columns = {k: v.tolist() for k, v in scores.items() if k != "reward"}
-    for i, r in enumerate(records):
-        r["rewards"] = {k: v[i] for k, v in columns.items()}
-    return splits
+TASKS = {"toy": Task(toy_build, lambda args, references: toy_reward), "reddit": Task(reddit_build, reddit_reward)}
 
 
-def toy_build(args: Args, reward_fn=None):
-    reward_fn = reward_fn or toy_reward
-    return add_rewards(toy_splits(args), reward_fn), reward_fn
-
-
-def reddit_build(args: Args, reward_fn=None):
-    """The Reddit splits with their rewards, and the reward function. Scored once and cached as JSONL in this
-    project's schema next to the data, under a key of the CSVs, the tokenizer, the sizes and the reward models;
-    the next run reads them back (and they work as --train-file, --val-file, --test-file)."""
-    paths = [os.path.join(args.data_dir, name) for name in REDDIT_FILES.values()]
-    if not all(map(os.path.isfile, paths)):
-        raise AlolError(f"--data-dir {args.data_dir} must hold {' and '.join(REDDIT_FILES.values())}: download "
-                        "both from Kaggle's \"Reddit comment scores\" (https://www.kaggle.com/code/danofer/"
-                        "reddit-comments-scores-nlp/input, free account needed) and put them in "
-                        f"{os.path.abspath(args.data_dir)}")
-    settings = {k: getattr(args, k) for k in ("model", "n_train", "n_val", "n_test", "reward_fn", *REWARD_MODELS)}
-    files = {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}
-    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, files))
-    names = ("train_pos", "train_neg", "val", "test")
-    cached = all(os.path.exists(os.path.join(cache, f"{name}.jsonl")) for name in names)
-    if cached:
-        parts = {name: load_jsonl(os.path.join(cache, f"{name}.jsonl"), "cached data") for name in names}
-    else:
-        parts = reddit_splits(args, load_tokenizer(args.model))
-    reward_fn = reward_fn or reddit_reward(args, [r["response"] for r in parts["train_pos"] + parts["train_neg"]])
-    if not cached:
-        add_rewards(parts, reward_fn)
-        os.makedirs(cache, exist_ok=True)
-        for name in names:
-            write_atomic(os.path.join(cache, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in parts[name]))
-    print(f"Reddit data {'read from' if cached else 'preprocessed, scored and cached in'} {cache}: "
-          + ", ".join(f"{name} {len(parts[name])}" for name in names))
-    return {"train": parts[f"train_{args.reddit_train}"], "val": parts["val"], "test": parts["test"]}, reward_fn
+def load_task(args: Args):
+    """The scored splits and the reward function: the task's own data, or --train-file data scored by the task's
+    reward (or --reward-fn). Every input error is raised here, before anything is written."""
+    task = TASKS[args.task]
+    custom = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    if not args.train_file:
+        return task.build(args, custom)
+    splits = {s: load_jsonl(getattr(args, f"{s}_file"), f"--{s}-file") for s in ("train", "val", "test")}
+    return splits, custom or task.reward(args, [r["response"] for r in splits["train"]])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Reference policy pi_ref: the NLL-trained starting point, frozen for the rest of the run
+# 11. Plumbing: hub access and model loading, fingerprints, atomic writes, the run directory, the report
 # ---------------------------------------------------------------------------------------------------------------
-def bpe_tokenizer(records: list):
-    """Without --model: a byte-level BPE trained on the training text in well under a second (no download)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([t for r in records for t in (r["prompt"], r["response"])], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
-
-
-def tiny_gpt2(tok, args: Args):
-    """Without --model: a 2-layer, 128-wide GPT-2 (~0.5 M parameters) trained from scratch, fast on 2 CPU cores."""
-    positions = args.max_prompt_len + max(args.max_response_len, args.eval_max_new_tokens)
-    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=128, n_layer=2, n_head=4,
-                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
-    return transformers.GPT2LMHeadModel(config)
-
-
 @functools.lru_cache(maxsize=None)
 def hub_unreachable(host: str) -> str:
     """Why the hub cannot be reached, or "": one 3-second probe per run instead of a minute of retries."""
@@ -545,110 +1011,6 @@ def load_tokenizer(path: str):
     return tok
 
 
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Dropout off in every pass: pi/pi_ref must be exactly 1 at step 0 when theta = ref (huggingface/trl#744)."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    return model
-
-
-def autocast(args: Args):
-    """bf16 matmuls on CUDA; the log-prob kernel still accumulates logits, log-sum-exp and sums in fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and args.device.startswith("cuda"))
-
-
-def hidden_states(model, batch: dict, args: Args):
-    """Last-layer hidden states [B, T, H] of a right-padded batch; positions 0..len-1 in every row, as in generate()."""
-    ids = batch["input_ids"]
-    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    with autocast(args):
-        out = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions)
-    return out.last_hidden_state
-
-
-def token_logprobs(model, batch: dict, args: Args, hidden=None):
-    """log pi(y_t | x, y_<t) of every response token, fp32 [B, T] aligned with the tokens, 0 elsewhere.
-
-    The LM head runs inside kernels.linear_token_logprobs, which never materialises the [B, T, V] logits.
-    """
-    hidden = hidden_states(model, batch, args) if hidden is None else hidden  # (B, T, H)
-    head = model.get_output_embeddings()
-    # hidden[:, t] scores token t+1: shift here, the kernel expects aligned targets.
-    with autocast(args):
-        logp = kernels.linear_token_logprobs(hidden[:, :-1], head.weight, batch["input_ids"][:, 1:],  # (B, T-1)
-                                             batch["response_mask"][:, 1:], bias=head.bias, backend=args.kernel)
-    return F.pad(logp, (1, 0))  # (B, T): no token scores the first one
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 5. Value estimate V(x): expected reward of pi_ref on prompt x
-# ---------------------------------------------------------------------------------------------------------------
-class ValueHead(nn.Module):
-    """Attention pooling of the frozen reference's last hidden states over the prompt (the official
-    ValueHeadAttention), with a key-padding mask so V(x) does not depend on padding; sigmoid * max_value."""
-
-    def __init__(self, hidden_size: int, max_value: float):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 1, hidden_size) / hidden_size ** 0.5)
-        self.attn = nn.MultiheadAttention(hidden_size, math.gcd(8, hidden_size), batch_first=True)
-        self.out, self.max_value = nn.Linear(hidden_size, 1), max_value
-
-    def forward(self, hidden, prompt_mask):  # (B, T, H), (B, T) -> (B,)
-        query = self.query.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
-        pooled = self.attn(query, hidden, hidden, key_padding_mask=~prompt_mask, need_weights=False)[0]  # (B, 1, H)
-        return torch.sigmoid(self.out(pooled[:, 0]).squeeze(-1).float()) * self.max_value
-
-
-def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
-    """As the paper: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
-    from the official code: the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
-    10 % of the prompts rather than on training MSE."""
-    prompts = sorted({r["prompt"] for r in val_records})
-    if len(prompts) < 2:
-        raise AlolError(f"the value head needs 2 or more distinct validation prompts (one is held out), got "
-                        f"{len(prompts)}")
-    repeated = [p for p in prompts for _ in range(args.value_samples)]
-    scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=True))
-    target = scores["reward"].view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
-    # Causal attention: the prompt positions' hidden states are the same with or without a response after them.
-    data = encode([{"prompt": p, "response": "", "rewards": {}} for p in prompts], tok, args)
-    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
-    held, fit = perm[:max(1, len(prompts) // 10)], perm[max(1, len(prompts) // 10):]
-    max_value = len(scores) - 1  # every component lies in [0, 1]
-    head = ValueHead(ref.config.hidden_size, max_value).to(args.device)
-    with torch.no_grad():  # start at the mean target: the sigmoid then only has to learn the differences
-        head.out.bias.fill_(torch.logit(target[fit].mean() / max_value, eps=1e-4).item())
-    optim = torch.optim.AdamW(head.parameters(), lr=args.value_lr, weight_decay=0.0)
-
-    def mse(idx, train):
-        batch = {k: v.to(args.device) for k, v in take(data, idx).items()}
-        with torch.set_grad_enabled(train):
-            with torch.no_grad():  # recomputed per batch: storing [P, T, H] would take GBs for Reddit's 2000 prompts
-                hidden = hidden_states(ref, batch, args).float()  # (b, T, H) of the frozen reference
-            loss = F.mse_loss(head(hidden, batch["prompt_mask"]), target[idx].to(args.device))
-        if train:
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-        return loss.item()
-
-    best = (mse(held, False), 0, {k: v.clone() for k, v in head.state_dict().items()})
-    for epoch in tqdm(range(1, args.value_epochs + 1), desc="value head", leave=False, disable=None):
-        for chunk in fit[torch.randperm(len(fit))].split(32):
-            mse(chunk, True)
-        if (held_mse := mse(held, False)) < best[0]:
-            best = (held_mse, epoch, {k: v.clone() for k, v in head.state_dict().items()})
-    head.load_state_dict(best[2])
-    report = {"heldout_mse": best[0], "best_epoch": best[1], "prompts": len(prompts),
-              "heldout_mse_of_mean": (target[held] - target[fit].mean()).pow(2).mean().item(),
-              "ref_sample_reward": target.mean().item()}
-    return head.eval(), report
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 6. Advantages A = R - V(x), computed once with the frozen reference and cached
-# ---------------------------------------------------------------------------------------------------------------
 def fingerprint(*parts) -> str:
     """sha256 over models (their weights) and dicts of tensors (their bytes) or JSON-able settings."""
     h = hashlib.sha256()
@@ -660,118 +1022,32 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:20]
 
 
-def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args: Args) -> dict:
-    """Per-token reference log-probs and V(x) for every training example, computed once.
-
-    Valid because pi_ref and the data are both fixed: one model in memory instead of the
-    official second copy run every step. The cache key covers every input, so a changed model, data or setting
-    can never reuse stale values (the silent-bug class of huggingface/trl#1962).
-    """
-    settings = {k: getattr(args, k) for k in ("seed", "value_samples", "value_epochs", "value_lr", "max_prompt_len",
-                                               "max_response_len", "eval_max_new_tokens", "reward_fn", "task",
-                                               "device", "bf16", "kernel", *REWARD_MODELS)}
-    try:  # the reward function's code too: V is fitted to its scores
-        settings["reward_source"] = hashlib.sha256(open(inspect.getsourcefile(reward_fn), "rb").read()).hexdigest()
-    except (TypeError, OSError):
-        settings["reward_source"] = repr(reward_fn)
-    val_ids = encode(val_records, tok, args)["input_ids"]
-    layout = {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}
-    key = fingerprint(ref, layout, {"val": val_ids}, settings)
-    path = os.path.join(args.cache_dir, f"frozen-{key}.pt")
-    if os.path.exists(path):
-        print(f"reference log-probs and V(x): loaded from cache {path}")
-        return torch.load(path)
-    head, report = train_value_head(ref, tok, val_records, reward_fn, args)
-    ref_logp, value = torch.zeros(train["input_ids"].shape), torch.zeros(len(train["reward"]))
-    with torch.no_grad():
-        chunks = torch.arange(len(value)).split(args.eval_batch_size)
-        for idx in tqdm(chunks, desc="reference log-probs", leave=False, disable=None):
-            batch = {k: v.to(args.device) for k, v in take(train, idx).items()}
-            hidden = hidden_states(ref, batch, args)  # (b, T, H): one pass gives log-probs and V's input
-            ref_logp[idx, :hidden.shape[1]] = token_logprobs(ref, batch, args, hidden).cpu()  # (b, T) log pi_ref
-            value[idx] = head(hidden.float(), batch["prompt_mask"]).cpu()  # (b,) V(x)
-    frozen = {"ref_logp": ref_logp, "value": value, "value_report": report, "key": key}
-    os.makedirs(args.cache_dir, exist_ok=True)
-    torch.save(frozen, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    print(f"reference log-probs and V(x): computed and cached in {path}")
-    return frozen
+def code_fingerprint(fn) -> str:
+    """sha256 of a function's source and, recursively, of the functions of its own module that it names and the
+    data constants it reads (globals or closure cells): an edit to any of them changes it, an edit elsewhere in the
+    file does not."""
+    if not isinstance(fn, types.FunctionType):  # a callable object: no source to follow, so never reused
+        return repr(fn)
+    h, todo, seen = hashlib.sha256(), [fn], set()
+    while todo:
+        fn = todo.pop()
+        seen.add(fn)
+        h.update(inspect.getsource(fn).encode())
+        scope = {**fn.__globals__, **dict(zip(fn.__code__.co_freevars, [c.cell_contents for c in fn.__closure__ or ()]))}
+        codes, names = [fn.__code__], set()
+        while codes:  # comprehensions and nested functions have code objects of their own
+            code = codes.pop()
+            names |= {*code.co_names, *code.co_freevars}
+            codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        for name in sorted(names & set(scope)):
+            value = scope[name]
+            if isinstance(value, types.FunctionType) and value.__module__ == fn.__module__ and value not in seen:
+                todo.append(value)
+            elif isinstance(value, (str, int, float, tuple, list, dict, set, frozenset)):
+                h.update(f"{name}={sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value!r}".encode())
+    return h.hexdigest()[:20]
 
 
-def advantage_stats(advantage: torch.Tensor) -> dict:
-    q = torch.quantile(advantage, torch.tensor([0.1, 0.5, 0.9]))
-    return {"mean": advantage.mean().item(), "std": advantage.std().item(), "min": advantage.min().item(),
-            "p10": q[0].item(), "median": q[1].item(), "p90": q[2].item(), "max": advantage.max().item(),
-            "frac_positive": (advantage > 0).float().mean().item()}
-
-
-def sampling_schedule(n: int, weights, epochs: int, per_step: int, seed: int) -> torch.Tensor:
-    """Example indices for every optimiser step, [steps, per_step], drawn up front from a seeded generator so
-    that a resumed run replays exactly the same batches. weights=None: shuffled epochs over all n examples.
-    Otherwise priority sampling (the official -ts option): only examples with weight > 0, drawn i.i.d. with
-    P(i) ~ weight_i."""
-    g = torch.Generator().manual_seed(seed)
-    kept = n if weights is None else int((weights > 0).sum())
-    steps = epochs * math.ceil(kept / per_step)
-    if weights is None:
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(steps * per_step / n))])
-    else:
-        order = torch.multinomial(weights, steps * per_step, replacement=True, generator=g)
-    return order[:steps * per_step].view(steps, per_step)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 7. The loss family
-# ---------------------------------------------------------------------------------------------------------------
-def alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.9, kl_beta=0.1, return_stats=False):
-    """A-LoL and its baselines (Baheti et al., ICLR 2024, https://arxiv.org/abs/2305.14718).
-
-    Formula (A-LoL):  loss = -(1/B) sum_b  sg[clip(rho_b, 1-eps, 1+eps)] * A+_b * sum_t m_bt * logp_bt
-    Where: rho_b = pi_theta(y|x) / pi_ref(y|x) = exp(sum_t m_bt (logp_bt - ref_logp_bt)), A+_b = max(R_b - V_b, 0),
-    sg = stop-gradient. Other algos change the weight (official train_generation_task_with_off_policy_PG.py):
-    nll 1, wbc R, r_gold R * sg[max(pi_t, 0.1)] per token, r_lol sg[clip(rho)] * R, a_lol_ref_free A+,
-    a_lol_seq A+ * sg[clip(rho_t)] per token, a_lol_kl A+ plus beta * (log pi_theta(y|x) - log pi_ref(y|x)).
-    Shapes: logp (with grad), ref_logp, mask: [B, T]; reward R, value V: [B]. Returns a scalar; the sum over
-    tokens is not length-normalised. clip_eps=None: no clip. With return_stats, also {ratio, clip_frac, adv}.
-    """
-    if clip_eps is not None and clip_eps <= 0:
-        raise ValueError("clip_eps must be > 0, or None for no clipping")
-    on = mask.bool()
-    reward, value = reward.detach(), value.detach()  # constants, whatever the caller passes
-    logp, ref_logp = logp.masked_fill(~on, 0.0), ref_logp.detach().masked_fill(~on, 0.0)  # masked entries: 0
-    token_log_ratio = logp.detach() - ref_logp  # (B, T) log rho_t; weights are constants in autograd
-    log_ratio = token_log_ratio if algo == "a_lol_seq" else token_log_ratio.sum(-1)  # (B, T) or (B,)
-    # Clamp in log space before exp: a 128-token sum overflows exp() (inf * 0 = NaN at A = 0). For eps < 1 this is
-    # exactly clip(exp(.), 1-eps, 1+eps); with no clip, +-20 is a guard the official code lacks (OpenRLHF#1293).
-    if clip_eps is None:
-        lo, hi = -20.0, 20.0
-    else:
-        lo, hi = math.log(1 - clip_eps) if clip_eps < 1 else -math.inf, math.log1p(clip_eps)
-    ratio = log_ratio.clamp(lo, hi).exp()  # (B,) or (B, T)
-    adv = (reward - value).clamp(min=0)  # (B,) A+
-    match algo:  # the weight of each sequence's (or token's) log-prob; a constant in autograd
-        case "nll": weight = torch.ones_like(reward)  # (B,)
-        case "wbc": weight = reward
-        case "r_gold": weight = reward[:, None] * logp.detach().exp().clamp(min=0.1)  # (B, T) GOLD's pi_theta(y_t)
-        case "r_lol": weight = ratio * reward
-        case "a_lol": weight = ratio * adv
-        case "a_lol_ref_free" | "a_lol_kl": weight = adv
-        case "a_lol_seq": weight = adv[:, None] * ratio  # (B, T) per-token ratios, not their product
-        case _: raise ValueError(f"unknown algo {algo!r}")
-    loss = -((weight if weight.dim() == 2 else weight[:, None]) * logp).sum(-1).mean()
-    if algo == "a_lol_kl":  # + beta * log(pi_theta(y|x) / pi_ref(y|x)) on the data response, with gradient
-        loss = loss + kl_beta * (logp - ref_logp).sum(-1).mean()
-    if not return_stats:
-        return loss
-    on = on if ratio.dim() == 2 else torch.ones_like(ratio, dtype=torch.bool)  # stats over real tokens only
-    clipped = ((log_ratio < lo) | (log_ratio > hi))[on]
-    return loss, {"ratio": ratio[on].mean().item(), "clip_frac": clipped.float().mean().item(),
-                  "adv": adv.mean().item()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 8. Training loop: one loop for the NLL reference and for every method
-# ---------------------------------------------------------------------------------------------------------------
 def write_atomic(path: str, text: str):
     """Write to a temporary file and rename, so an interrupted run never leaves a half-written file."""
     with open(path + ".tmp", "w") as f:
@@ -779,131 +1055,31 @@ def write_atomic(path: str, text: str):
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(policy, tok, optim, sched, step: int, ckpt: str):
-    """`save_pretrained` format (loadable with from_pretrained) plus the optimiser state for --resume."""
-    shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
-    policy.save_pretrained(ckpt + ".tmp")
-    tok.save_pretrained(ckpt + ".tmp")
-    torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step},
-               os.path.join(ckpt + ".tmp", "trainer_state.pt"))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    os.replace(ckpt + ".tmp", ckpt)
+def prepare_out_dir(args: Args) -> str:
+    """Refuse to mix runs: an --out-dir holding a different run is kept unless --overwrite."""
+    out = args.out_dir or os.path.join("runs", f"{args.task}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    identity = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_RUN_IDENTITY}
+    config_path = os.path.join(out, "config.json")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        old = json.load(open(config_path)) if os.path.exists(config_path) else {}
+        differ = [k for k in identity if old.get(k, "<missing>") != identity[k]]
+        if differ:
+            raise AlolError(f"--out-dir {out} already holds a different run (differs in: {', '.join(differ[:6])}); "
+                            "pass --overwrite to replace it, or choose another --out-dir")
+        if not args.resume:
+            raise AlolError(f"--out-dir {out} already holds this run; pass --resume to continue it or --overwrite "
+                            "to restart")
+    if args.overwrite and os.path.isdir(out) and os.listdir(out):
+        if not os.path.exists(config_path):  # never delete a folder that is not an alol run (--out-dir .)
+            raise AlolError(f"--out-dir {out} is not empty and holds no alol run (no config.json): not deleting it")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    write_atomic(config_path, json.dumps(dataclasses.asdict(args), indent=1))
+    return out
 
 
-def accumulate_gradients(policy, data: dict, indices: torch.Tensor, algo: str, args: Args) -> dict:
-    """Backward of one optimiser step's batch in `grad_accum` micro-batches; returns the mean statistics."""
-    stats = []
-    for idx in indices.chunk(args.grad_accum):
-        batch = {k: v.to(args.device) for k, v in take(data, idx).items()}
-        logp = token_logprobs(policy, batch, args)  # (B, T) with grad
-        ref_logp = batch.get("ref_logp", logp.detach())  # NLL reference stage: no reference yet
-        value = batch.get("value", torch.zeros_like(batch["reward"]))
-        loss, s = alol_loss(logp, ref_logp, batch["response_mask"], batch["reward"], value, algo, args.clip_eps,
-                            args.kl_beta, return_stats=True)
-        # Divide by the micro-batch count: the update is the mean over the whole batch, as one big batch would
-        # give (the official code summed micro-batch means; huggingface/trl#2615).
-        (loss / args.grad_accum).backward()
-        stats.append({"loss": loss.item(), **s})
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-
-
-def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, epochs: int, lr: float, weights=None):
-    """Train `policy` in place with `algo` for `epochs`, checkpointing to run_dir/checkpoint; with --resume,
-    continue from that checkpoint (same batches, same optimiser state: the weights end up identical)."""
-    schedule = sampling_schedule(len(data["reward"]), weights, epochs, args.batch_size * args.grad_accum, args.seed)
-    optim = torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-8, weight_decay=args.weight_decay)
-    # Linear decay over optimiser steps; the official schedule counted micro-batches and ended at half the LR.
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(schedule))
-    ckpt, log_path, start = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "log.jsonl"), 0
-    os.makedirs(run_dir, exist_ok=True)
-    if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-        policy.load_state_dict(load_policy(ckpt, args).state_dict())
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"))
-        optim.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = state["step"]
-        rows = [r for r in open(log_path) if r.endswith("\n")] if os.path.exists(log_path) else []  # not a cut line
-        write_atomic(log_path, "".join(r for r in rows if json.loads(r)["step"] <= start))
-    policy.train()
-    with open(log_path, "a" if start else "w") as log:
-        bar = tqdm(range(start, len(schedule)), desc=f"train {algo}", initial=start, total=len(schedule),
-                   dynamic_ncols=True, disable=None)  # disable=None: no bar when stderr is not a terminal
-        for step in bar:
-            stats = accumulate_gradients(policy, data, schedule[step], algo, args)
-            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
-            row = {"step": step + 1, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **stats}
-            optim.step()
-            sched.step()
-            optim.zero_grad(set_to_none=True)
-            log.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}",
-                            adv=f"{row['adv']:.2f}")
-            if (step + 1) % args.save_every == 0 or step + 1 == len(schedule):
-                log.flush()
-                save_checkpoint(policy, tok, optim, sched, step + 1, ckpt)
-    return policy.eval()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 9. Evaluation: generate on the test prompts and score with the same reward function
-# ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
-    """Pure sampling (temperature 1, no top-k/top-p: the policy's own distribution) or the deterministic decode."""
-    model.eval()
-    if sample:
-        torch.manual_seed(args.seed)  # the same draws whatever ran before
-        decode = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
-    else:
-        decode = {"do_sample": False, "num_beams": args.eval_num_beams,
-                  "repetition_penalty": args.eval_repetition_penalty}
-    responses = []
-    for i in tqdm(range(0, len(prompts), args.eval_batch_size), desc="generate", leave=False, disable=None):
-        # Left padding and left truncation for generation: new tokens are appended at the right end.
-        enc = tok(prompts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True,
-                  max_length=args.max_prompt_len, add_special_tokens=False).to(args.device)
-        out = model.generate(**enc, max_new_tokens=args.eval_max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, **decode)
-        responses += [r.strip() for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return responses
-
-
-def text_metrics(responses: list, scores: dict) -> dict:
-    """Mean reward and components; distinct-n = unique / total n-grams over all responses; length in words."""
-    words = [r.lower().split() for r in responses]
-
-    def distinct(n):
-        grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
-        return len(set(grams)) / max(len(grams), 1)
-
-    return {"reward": scores["reward"].mean().item(),
-            "components": {k: v.mean().item() for k, v in scores.items() if k != "reward"},
-            "distinct_1": distinct(1), "distinct_2": distinct(2), "distinct_3": distinct(3),
-            "length": sum(map(len, words)) / max(len(words), 1)}
-
-
-def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str) -> dict:
-    """Sampled and deterministic generations on the test prompts; every generation is kept in generations.jsonl."""
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    if args.resume and os.path.exists(metrics_path):
-        return json.load(open(metrics_path))
-    prompts = [r["prompt"] for r in test_records]
-    sampled = generate(model, tok, prompts, args, sample=True)
-    greedy = generate(model, tok, prompts, args, sample=False)
-    both = score(reward_fn, prompts * 2, sampled + greedy)  # one call: reward models load once
-    scores, greedy_reward = {k: v[:len(prompts)] for k, v in both.items()}, both["reward"][len(prompts):]
-    metrics = text_metrics(sampled, scores)
-    metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics}
-    os.makedirs(run_dir, exist_ok=True)
-    write_atomic(os.path.join(run_dir, "generations.jsonl"), "".join(
-        json.dumps({"prompt": p, "sampled": s, "greedy": g, "reward_sampled": r, "reward_greedy": rg}) + "\n"
-        for p, s, g, r, rg in zip(prompts, sampled, greedy, scores["reward"].tolist(), greedy_reward.tolist())))
-    write_atomic(metrics_path, json.dumps(metrics, indent=1))
-    return metrics
-
-
-def report(results: dict, advantage: torch.Tensor, out_dir: str):
-    """results.json, results.md (the printed table) and results.png (reward per method, advantage histogram)."""
+def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:
+    """results.json, results.md (the printed table, returned) and results.png (reward per method, advantages)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -912,8 +1088,8 @@ def report(results: dict, advantage: torch.Tensor, out_dir: str):
     rows = {"data": {**results["data"], "reward_sampled": results["data"]["reward"]}, "reference": results["reference"],
             **results["methods"]}
     comps = list(results["data"]["components"])
-    head = ["", "reward (sampled)", "reward (greedy)", *comps, "distinct-1", "distinct-2", "length"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    columns = ["", "reward (sampled)", "reward (greedy)", *comps, "distinct-1", "distinct-2", "length"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, m in rows.items():
         cells = [m["reward_sampled"], m.get("reward_greedy"), *(m["components"].get(c) for c in comps), m["distinct_1"],
                  m["distinct_2"], m["length"]]
@@ -940,113 +1116,6 @@ def report(results: dict, advantage: torch.Tensor, out_dir: str):
     fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)
     plt.close(fig)
     return table
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 10. main: the reference stage once, then every method from the same reference and cached quantities
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Task:
-    build: object  # (args, reward_fn or None) -> ({"train", "val", "test": scored records}, reward_fn)
-    reward: object  # (args, training responses) -> reward_fn, for --train-file data
-
-
-TASKS = {"toy": Task(toy_build, lambda args, references: toy_reward), "reddit": Task(reddit_build, reddit_reward)}
-
-
-def prepare_out_dir(args: Args) -> str:
-    """Refuse to mix runs: an --out-dir holding a different run is kept unless --overwrite."""
-    out = args.out_dir or os.path.join("runs", f"{args.task}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    identity = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_RUN_IDENTITY}
-    config_path = os.path.join(out, "config.json")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        old = json.load(open(config_path)) if os.path.exists(config_path) else {}
-        differ = [k for k in identity if old.get(k, "<missing>") != identity[k]]
-        if differ:
-            raise AlolError(f"--out-dir {out} already holds a different run (differs in: {', '.join(differ[:6])}); "
-                            "pass --overwrite to replace it, or choose another --out-dir")
-        if not args.resume:
-            raise AlolError(f"--out-dir {out} already holds this run; pass --resume to continue it or --overwrite "
-                            "to restart")
-    if args.overwrite and os.path.isdir(out) and os.listdir(out):
-        if not os.path.exists(config_path):  # never delete a folder that is not an alol run (--out-dir .)
-            raise AlolError(f"--out-dir {out} is not empty and holds no alol run (no config.json): not deleting it")
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    write_atomic(config_path, json.dumps(dataclasses.asdict(args), indent=1))
-    return out
-
-
-def main(args: Args) -> dict:
-    algos = ALGOS if args.algo == "all" else args.algo.split(",")
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    task = TASKS[args.task]
-    # Everything that can fail on bad input happens before the run directory is touched.
-    custom = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    if args.train_file:
-        splits = {s: load_jsonl(getattr(args, f"{s}_file"), f"--{s}-file") for s in ("train", "val", "test")}
-        reward_fn = custom or task.reward(args, [r["response"] for r in splits["train"]])
-    else:
-        splits, reward_fn = task.build(args, custom)
-    out_dir = prepare_out_dir(args)
-    print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
-                        subsequent_indent="  "), f"\nrun directory: {out_dir}")
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    # 4. Reference policy: given, or NLL on the training data from the initial policy (the paper's recipe)
-    source = args.ref_model or args.model
-    tok = load_tokenizer(source) if source else bpe_tokenizer(splits["train"])
-    tok.padding_side = tok.truncation_side = "left"  # for generate(); encode() lays out its own right padding
-    train = encode(splits["train"], tok, args)
-    ref_dir = os.path.join(out_dir, "reference")
-    if args.ref_model:
-        ref = load_policy(args.ref_model, args)
-    else:
-        init = load_policy(args.model, args) if args.model else disable_dropout(tiny_gpt2(tok, args)).to(args.device)
-        ref = train_policy(init, tok, train, "nll", ref_dir, args, args.ref_epochs, args.ref_lr)
-    ref.requires_grad_(False)
-    test = splits["test"]
-    data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
-    data_scores["reward"] = sum(data_scores.values())
-    results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
-               "data": text_metrics([r["response"] for r in test], data_scores),
-               "reference": evaluate(ref, tok, test, reward_fn, args, ref_dir)}
-    print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
-          f"{results['reference']['reward_sampled']:.3f} sampled, {results['reference']['reward_greedy']:.3f} greedy")
-
-    # 5-6. V(x) and the advantages of the training data, with the frozen reference
-    frozen = frozen_quantities(ref, tok, train, splits["val"], reward_fn, args)
-    del ref  # the methods need only the cached quantities: one model in memory from here on
-    advantage = train["reward"] - frozen["value"]  # (N,) A = R - V(x)
-    train.update(ref_logp=frozen["ref_logp"], value=frozen["value"])
-    results.update(value=frozen["value_report"], advantage=advantage_stats(advantage))
-    v, a = results["value"], results["advantage"]
-    print(f"value head: held-out MSE {v['heldout_mse']:.3f} (a constant predictor: {v['heldout_mse_of_mean']:.3f}); "
-          f"A = R - V: mean {a['mean']:+.3f}, median {a['median']:+.3f}, {a['frac_positive']:.1%} positive "
-          f"({int((advantage > 0).sum())} of {len(advantage)} examples kept by A-LoL)")
-    if any(algo.startswith("a_lol") for algo in algos) and not (advantage > 0).any():
-        raise AlolError(f"every training advantage A = R - V(x) is <= 0 (max {advantage.max():.3f}): the reference "
-                        "policy already earns at least the reward of every offline response, so A-LoL has nothing to "
-                        "learn from. Check the rewards of --train-file, or use a weaker reference. Run kept in "
-                        f"{out_dir}.")
-
-    # 7-9. Each method from the same reference, then its evaluation
-    results["methods"] = {}
-    for algo in algos:
-        policy = load_policy(args.ref_model or os.path.join(ref_dir, "checkpoint"), args)
-        weights = advantage.clamp(min=0) if algo.startswith("a_lol") and args.priority_sampling else None
-        start = time.time()
-        train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr, weights)
-        seconds = round(time.time() - start, 1)
-        results["methods"][algo] = {**evaluate(policy, tok, test, reward_fn, args, os.path.join(out_dir, algo)),
-                                    "train_seconds": seconds}
-        print(f"{algo}: reward {results['methods'][algo]['reward_sampled']:.3f} sampled, "
-              f"{results['methods'][algo]['reward_greedy']:.3f} greedy")
-        del policy
-    table = report(results, advantage, out_dir)
-    print(f"\n{table}\n\nresults: {out_dir}/results.json, results.md, results.png")
-    return results
 
 
 if __name__ == "__main__":

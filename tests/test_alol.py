@@ -1,8 +1,12 @@
 """Tests of alol.py: the loss against hand-computed vectors, the invariances the pipeline relies on, the cache,
 sampling, resume, user-facing errors and a short end-to-end run. Everything runs on CPU with tiny models."""
+import ast
+import importlib
 import json
 import math
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -162,15 +166,31 @@ def test_ratio_is_one_at_step_zero_with_dropout_off(toy):
     assert loss.item() == pytest.approx(((batch["reward"] - value).clamp(min=0) * nll).mean().item(), rel=1e-6)
 
 
+class GradientRecorder:
+    """Stands in for the optimiser: keeps the gradients train_step hands to step()."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def step(self):
+        self.grads = torch.cat([p.grad.flatten() for p in self.params])
+
+    def zero_grad(self, set_to_none):
+        for p in self.params:
+            p.grad = None
+
+
 def test_gradient_accumulation_matches_one_big_batch(toy):
     args, train = toy["args"], toy["train"]
-    data = {**train, "ref_logp": torch.zeros(train["input_ids"].shape), "value": torch.full((len(train["reward"]),), 2.0)}
+    frozen = {"ref_logp": torch.zeros(train["input_ids"].shape), "value": torch.full((len(train["reward"]),), 2.0)}
     grads = {}
     for batch_size, accum in ((8, 1), (1, 8), (2, 4)):
         policy = alol.load_policy(toy["path"], args).train()
-        args_i = alol.Args(**{**vars(args), "batch_size": batch_size, "grad_accum": accum})
-        alol.accumulate_gradients(policy, data, torch.arange(8), "a_lol", args_i)
-        grads[batch_size] = torch.cat([p.grad.flatten() for p in policy.parameters()])
+        args_i = alol.Args(**{**vars(args), "batch_size": batch_size, "grad_accum": accum, "max_grad_norm": 1e9})
+        optim = GradientRecorder(policy.parameters())
+        alol.train_step(policy, optim, train, torch.arange(8), "a_lol", args_i, frozen)
+        grads[batch_size] = optim.grads
+        assert all(p.grad is None for p in policy.parameters())  # zeroed for the next step
     assert grads[8].abs().sum() > 0
     assert torch.allclose(grads[1], grads[8], atol=1e-6, rtol=1e-5)
     assert torch.allclose(grads[2], grads[8], atol=1e-6, rtol=1e-5)
@@ -211,6 +231,43 @@ def test_frozen_quantities_cache(toy, tmp_path):
     assert len(os.listdir(tmp_path)) == 4
 
 
+def test_cache_key_covers_the_batches_of_v_samples(toy, tmp_path, capsys):
+    """V's targets are sampled in --eval-batch-size batches, so another batch size draws other samples: it must not
+    get the V cached for the first one."""
+    args, tok = alol.Args(**{**vars(toy["args"]), "cache_dir": str(tmp_path)}), toy["tok"]
+    ref = alol.load_policy(toy["path"], args).eval()
+    train, val = alol.take(toy["train"], torch.arange(24)), toy["splits"]["val"][:20]
+    first = alol.frozen_quantities(ref, tok, train, val, alol.toy_reward, args)
+    small = alol.Args(**{**vars(args), "eval_batch_size": 7})
+    other = alol.frozen_quantities(ref, tok, train, val, alol.toy_reward, small)
+    assert "computed and cached" in capsys.readouterr().out.splitlines()[-1]
+    assert other["key"] != first["key"] and len(os.listdir(tmp_path)) == 2
+    assert not torch.equal(other["value"], first["value"])  # what a shared key would have hidden
+
+
+def test_cache_key_follows_the_reward_code_not_its_file(toy, tmp_path, monkeypatch, capsys):
+    """An edit elsewhere in the reward function's file keeps the cache; an edit to the function, to a function it
+    calls or to a constant it reads computes V anew."""
+    args, tok = alol.Args(**{**vars(toy["args"]), "cache_dir": str(tmp_path / "cache")}), toy["tok"]
+    ref = alol.load_policy(toy["path"], args).eval()
+    train, val = alol.take(toy["train"], torch.arange(24)), toy["splits"]["val"][:20]
+    source = ("import torch\n\nSCALE = 0.5\n\n\ndef helper(r):\n    return SCALE * min(len(r.split()), 2) / 2\n\n\n"
+              "def score(prompts, responses):\n    return {'short': torch.tensor([helper(r) for r in responses])}\n\n\n"
+              "def unrelated():\n    return 1\n")
+    module_path = tmp_path / "edited_rewards.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each reload compiles the edited source
+    keys = []
+    for old, new in [("", ""), ("return 1\n", "return 10\n"), ("SCALE = 0.5", "SCALE = 0.25"),
+                     ("min(len(r.split()), 2) / 2", "min(len(r.split()), 4) / 4")]:
+        source = source.replace(old, new) if old else source
+        module_path.write_text(source)
+        module = importlib.reload(sys.modules["edited_rewards"]) if keys else importlib.import_module("edited_rewards")
+        keys.append(alol.frozen_quantities(ref, tok, train, val, module.score, args)["key"])
+        assert ("loaded from cache" in capsys.readouterr().out) == (old == "return 1\n")
+    assert keys[1] == keys[0] and len(set(keys)) == 3
+
+
 def test_priority_sampling_keeps_positive_advantages_only():
     advantage = torch.tensor([-1.0, 0.0, 1.0, 3.0, -0.5, 0.5])
     schedule = alol.sampling_schedule(6, advantage.clamp(min=0), epochs=4000, per_step=3, seed=0)
@@ -237,7 +294,7 @@ def test_resume_reproduces_uninterrupted_weights(toy, tmp_path, monkeypatch):
     data = {k: v[:64] for k, v in train.items()}
     full = alol.train_policy(alol.load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "full"), args, 2, 1e-3)
 
-    real, calls = alol.accumulate_gradients, []
+    real, calls = alol.train_step, []
 
     def crash_on_fifth_step(*a, **kw):
         calls.append(1)
@@ -245,10 +302,10 @@ def test_resume_reproduces_uninterrupted_weights(toy, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(alol, "accumulate_gradients", crash_on_fifth_step)
+    monkeypatch.setattr(alol, "train_step", crash_on_fifth_step)
     with pytest.raises(KeyboardInterrupt):
         alol.train_policy(alol.load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "cut"), args, 2, 1e-3)
-    monkeypatch.setattr(alol, "accumulate_gradients", real)
+    monkeypatch.setattr(alol, "train_step", real)
     assert torch.load(tmp_path / "cut" / "checkpoint" / "trainer_state.pt")["step"] == 4
     with open(tmp_path / "cut" / "log.jsonl", "a") as log:
         log.write('{"step": 5, "lo')  # a line cut short by the kill
@@ -398,3 +455,33 @@ def test_fused_kernel_loss_equals_alol_loss():
         fused = alol.kernels.alol_sequence_loss(targets, mask, ref_seq, reward - value, hidden=hidden, weight=weight,
                                                 clip_eps=eps, backend="torch")
         assert fused.item() == pytest.approx(ours.item(), rel=1e-6)
+
+
+# ---- the layout ----------------------------------------------------------------------------------------------------
+def test_no_section_uses_a_later_one():
+    """alol.py reads in the order it runs: sections 1-8 use only what earlier sections, or the trailing task recipes
+    and plumbing (10, 11), define; only main (9) brings everything together."""
+    source = open(alol.__file__).read()
+    lines = source.splitlines()
+    starts = [i + 1 for i, line in enumerate(lines) if re.match(r"# \d+\. ", line)]  # line numbers of "# N. ..."
+    assert [int(lines[i - 1].split(".")[0][2:]) for i in starts] == list(range(1, 12))
+
+    def section_of_line(lineno):  # 0 for the imports before section 1
+        return sum(start < lineno for start in starts)
+
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)]
+        defined.update({name: section_of_line(node.lineno) for name in names})
+    assert defined["alol_loss"] == 6 and defined["main"] == 9 and defined["hub_path"] == 11
+    later = []
+    for node in tree.body:
+        section = section_of_line(node.lineno)
+        if section in (9, 10, 11):
+            continue
+        for name in ast.walk(node):
+            if isinstance(name, ast.Name) and section < defined.get(name.id, 0) <= 9:
+                later.append(f"line {name.lineno}: {name.id} (section {defined[name.id]}) used in section {section}")
+    assert later == []

@@ -93,3 +93,13 @@ def test_every_file_exists():
                 assert re.search(rf"^def {test}\(", (ROOT / path).read_text(), flags=re.M), f"no {test} in {path}"
         else:  # not in the repository: a file a run writes or reads, which alol.py must name
             assert not path.endswith(".py") and os.path.basename(path) in alol_source, f"no such file: {path}"
+
+
+def test_chapters_follow_the_sections_of_alol_py():
+    """tutorial.md's numbered chapters and alol.py's numbered sections are the same list: numbers and titles (the
+    part before a colon)."""
+    source = (ROOT / "alol.py").read_text()
+    sections = [(n, title.split(":")[0]) for n, title in re.findall(r"^# (\d+)\. (.+)$", source, flags=re.M)]
+    chapters = [(n, title.split(":")[0]) for n, title in re.findall(r"^## (\d+)\. (.+)$", TEXT, flags=re.M)]
+    assert [n for n, _ in sections] == [str(i) for i in range(1, len(sections) + 1)]
+    assert len(sections) >= 10 and chapters == sections
