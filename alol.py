@@ -15,19 +15,24 @@ plumbing (11) that any section may call.
 import argparse
 import dataclasses
 import functools
+import gzip
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import math
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 import sys
+import tempfile
 import textwrap
 import time
+import traceback
 import types
 import urllib.parse
 from dataclasses import dataclass, field, fields
@@ -127,6 +132,7 @@ ALGOS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq"
 REWARD_MODELS = ("fluency_model", "safety_model", "depth_model", "updown_model")
 # Settings that may differ when --resume adds methods to or re-evaluates an existing run.
 NOT_RUN_IDENTITY = {"algo", "resume", "overwrite", "out_dir", "device", "kernel", "cache_dir"}
+RUN_MARKER = "alol_run"  # a key of config.json that only alol writes: --overwrite deletes no folder without it
 
 
 class AlolError(Exception):
@@ -153,11 +159,24 @@ def parse_args(argv=None) -> Args:
     pre.add_argument("--task", default=Args.task)
     p.set_defaults(**TASK_PRESETS.get(pre.parse_known_args(argv)[0].task, {}))
     args = Args(**vars(p.parse_args(argv)))
-    unknown = [a for a in args.algo.split(",") if a not in ALGOS + ["all"]]
+    algos = args.algo.split(",")
+    unknown = [a for a in algos if a not in ALGOS + ["all"]]
     if unknown:
         p.error(f"unknown --algo {','.join(unknown)!r}; choose from {', '.join(ALGOS)} or all")
-    if args.clip_eps is not None and args.clip_eps <= 0:
-        p.error("--clip-eps must be > 0, or `none` for no clipping")
+    if len(set(algos)) < len(algos) or ("all" in algos and len(algos) > 1):
+        p.error("--algo names each method once, or is `all` alone")
+    if args.clip_eps is not None and not (math.isfinite(args.clip_eps) and args.clip_eps > 0):
+        p.error("--clip-eps must be a finite number > 0, or `none` for no clipping")
+    positive, non_negative = ("lr", "ref_lr", "value_lr", "max_grad_norm", "eval_repetition_penalty"), ("weight_decay",
+                                                                                                    "kl_beta")
+    for k in positive + non_negative:  # a negative clip norm or decay silently ascends the loss; NaN spreads
+        value = getattr(args, k)
+        if not math.isfinite(value) or value < 0 or (value == 0 and k in positive):
+            p.error(f"--{k.replace('_', '-')} must be a finite number {'> 0' if k in positive else '>= 0'}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device {args.device!r}: choose auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and int(args.device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     sizes = ["epochs", "ref_epochs", "batch_size", "grad_accum", "value_samples", "n_val", "n_test", "max_prompt_len",
              "max_response_len", "save_every", "eval_max_new_tokens", "eval_num_beams", "eval_batch_size"]
     too_small = [k for k in sizes + ["n_train"] * (args.task == "toy") if getattr(args, k) < 1]
@@ -174,10 +193,20 @@ def parse_args(argv=None) -> Args:
 # ---------------------------------------------------------------------------------------------------------------
 def score(reward_fn, prompts: list, responses: list) -> dict:
     """reward_fn(prompts, responses) -> {component: tensor in [0, 1]}, checked, plus their sum R under `reward`."""
-    components = {k: torch.as_tensor(v, dtype=torch.float).cpu() for k, v in reward_fn(prompts, responses).items()}
+    name, n = getattr(reward_fn, "__qualname__", repr(reward_fn)), len(prompts)
+    try:
+        out = reward_fn(prompts, responses)
+        components = {k: torch.as_tensor(v, dtype=torch.float).cpu() for k, v in out.items()} if isinstance(out, dict) else {}
+    except AlolError:
+        raise
+    except Exception as e:
+        raise AlolError(f"reward function {name} failed on {n} examples: {type(e).__name__}: {e}") from None
+    if not components or not all(isinstance(k, str) for k in components):
+        raise AlolError(f"reward function {name} returned {str(out)[:80]}; expected {{name: {n} values in [0, 1]}}")
     for k, v in components.items():
-        if v.shape != (len(prompts),) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
-            raise AlolError(f"reward component {k!r} must be {len(prompts)} finite values in [0, 1]")
+        if v.shape != (n,) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+            raise AlolError(f"reward function {name}: component {k!r} must be {n} finite values in [0, 1], got "
+                            f"{str(v.tolist())[:80]}")
     return {**components, "reward": sum(components.values())}
 
 
@@ -311,10 +340,7 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
     """As the paper: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
     from the official code: the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
     share of the prompts rather than on training MSE. Returns the head and a report of its fit."""
-    prompts = sorted({r["prompt"] for r in val_records})
-    if len(prompts) < 2:
-        raise AlolError(f"the value head needs 2 or more distinct validation prompts (one is held out), got "
-                        f"{len(prompts)}")
+    prompts = sorted({r["prompt"] for r in val_records})  # 2 or more (preflight): one is held out
     repeated = [p for p in prompts for _ in range(args.value_samples)]
     scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=True))
     target = scores["reward"].view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
@@ -380,8 +406,15 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
     key = fingerprint(ref, layout, {"val": val_ids}, settings)
     path = os.path.join(args.cache_dir, f"frozen-{key}.pt")
     if os.path.exists(path):
-        print(f"reference log-probs and V(x): loaded from cache {path}")
-        return torch.load(path)
+        try:  # the file carries its key and a checksum of its contents: a truncated or altered file is not used
+            frozen = torch.load(path, weights_only=True)
+            intact = frozen.pop("checksum") == fingerprint(frozen) and frozen["key"] == key
+        except Exception:
+            intact = False
+        if intact:
+            print(f"reference log-probs and V(x): loaded from cache {path}")
+            return frozen
+        print(f"warning: cache file {path} is truncated or altered: computing it again")
     value_head, fit_report = train_value_head(ref, tok, val_records, reward_fn, args)
     ref_logp, value = torch.zeros(train["input_ids"].shape), torch.zeros(len(train["reward"]))
     with torch.no_grad():
@@ -393,8 +426,9 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
             value[idx] = value_head(hidden.float(), batch["prompt_mask"]).cpu()  # (b,) V(x)
     frozen = {"ref_logp": ref_logp, "value": value, "value_report": fit_report, "key": key}
     os.makedirs(args.cache_dir, exist_ok=True)
-    torch.save(frozen, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    buffer = io.BytesIO()
+    torch.save({**frozen, "checksum": fingerprint(frozen)}, buffer)
+    write_atomic(path, buffer.getvalue())
     print(f"reference log-probs and V(x): computed and cached in {path}")
     return frozen
 
@@ -497,13 +531,16 @@ def train_step(policy, optim, data: dict, indices: torch.Tensor, algo: str, args
         (loss / args.grad_accum).backward()
         stats.append({"loss": loss.item(), **s})
     grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+    if not all(math.isfinite(x) for x in [grad_norm] + [s["loss"] for s in stats]):  # before NaN reaches the weights
+        raise FloatingPointError(f"loss {[s['loss'] for s in stats]}, gradient norm {grad_norm}")
     optim.step()
     optim.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
 
 
 def save_checkpoint(policy, tok, optim, sched, step: int, ckpt: str):
-    """`save_pretrained` format (loadable with from_pretrained) plus the optimiser state for --resume."""
+    """`save_pretrained` format (loadable with from_pretrained) plus the optimiser state for --resume, written
+    last: a checkpoint.tmp that holds trainer_state.pt is complete."""
     shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
     policy.save_pretrained(ckpt + ".tmp")
     tok.save_pretrained(ckpt + ".tmp")
@@ -516,10 +553,12 @@ def save_checkpoint(policy, tok, optim, sched, step: int, ckpt: str):
 def resume_checkpoint(policy, optim, sched, ckpt: str, log_path: str, args: Args) -> int:
     """The step to continue from: 0 for a fresh stage; else the checkpoint's weights and optimiser state are loaded
     and log.jsonl is cut back to that step (rows written after it, or cut short by the kill, are dropped)."""
+    if args.resume and not os.path.exists(ckpt) and os.path.exists(os.path.join(ckpt + ".tmp", "trainer_state.pt")):
+        os.replace(ckpt + ".tmp", ckpt)  # killed between save_checkpoint's delete and rename: the new one is complete
     if not (args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))):
         return 0
     policy.load_state_dict(load_policy(ckpt, args).state_dict())
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"))
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     optim.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     rows = [r for r in open(log_path) if r.endswith("\n")] if os.path.exists(log_path) else []
@@ -544,8 +583,12 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
         bar = tqdm(range(start, len(schedule)), desc=f"train {algo}", initial=start, total=len(schedule),
                    dynamic_ncols=True, disable=None)  # disable=None: no bar when stderr is not a terminal
         for step in bar:
-            row = {"step": step + 1, "lr": sched.get_last_lr()[0],
-                   **train_step(policy, optim, data, schedule[step], algo, args, frozen)}
+            try:
+                row = {"step": step + 1, "lr": sched.get_last_lr()[0],
+                       **train_step(policy, optim, data, schedule[step], algo, args, frozen)}
+            except FloatingPointError as e:
+                raise AlolError(f"{algo}: non-finite values at step {step + 1} ({e}); stopped before updating or "
+                                f"saving the weights. Try a lower learning rate (now {lr}) or --max-grad-norm.") from None
             sched.step()
             log.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}",
@@ -599,23 +642,22 @@ def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str
 def main(args: Args) -> dict:
     algos = ALGOS if args.algo == "all" else args.algo.split(",")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    splits, reward_fn = load_task(args)  # everything that can fail on bad input, before the run directory is touched
-    out_dir = prepare_out_dir(args)
-    print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
-                        subsequent_indent="  "), f"\nrun directory: {out_dir}")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    # Everything that can fail on bad input happens before the run directory is touched.
+    splits, reward_fn = load_task(args)
+    source = args.ref_model or args.model  # a trained reference, or the initial policy; none: the task's tiny GPT-2
+    tok = load_tokenizer(source) if source else bpe_tokenizer(splits["train"])
+    ref = load_policy(source, args) if source else disable_dropout(tiny_gpt2(tok, args)).to(args.device)
+    out_dir = prepare_out_dir(args, preflight(args, splits, reward_fn, tok, ref))
+    train = encode(splits["train"], tok, args)
+    print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
+                        subsequent_indent="  "), f"\nrun directory: {out_dir}")
 
     # 3. The reference policy: given, or NLL on the training data from the initial policy (the paper's recipe)
-    source = args.ref_model or args.model
-    tok = load_tokenizer(source) if source else bpe_tokenizer(splits["train"])
-    train = encode(splits["train"], tok, args)
     ref_dir = os.path.join(out_dir, "reference")
-    if args.ref_model:
-        ref = load_policy(args.ref_model, args)
-    else:
-        init = load_policy(args.model, args) if args.model else disable_dropout(tiny_gpt2(tok, args)).to(args.device)
-        ref = train_policy(init, tok, train, "nll", ref_dir, args, args.ref_epochs, args.ref_lr)
+    if not args.ref_model:  # trains the initial policy in place: from here on it is pi_ref
+        train_policy(ref, tok, train, "nll", ref_dir, args, args.ref_epochs, args.ref_lr)
     ref.requires_grad_(False)
     test = splits["test"]
     data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
@@ -872,61 +914,64 @@ def reddit_build(args: Args, reward_fn=None):
                         "reddit-comments-scores-nlp/input, free account needed) and put them in "
                         f"{os.path.abspath(args.data_dir)}")
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_val", "n_test", "reward_fn", *REWARD_MODELS)}
-    files = {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}
-    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, files))
-    names = ("train_pos", "train_neg", "val", "test")
-    cached = all(os.path.exists(os.path.join(cache, f"{name}.jsonl")) for name in names)
-    if cached:
-        parts = {name: load_jsonl(os.path.join(cache, f"{name}.jsonl"), "cached data") for name in names}
-    else:
-        parts = reddit_splits(args, load_tokenizer(args.model))
+    csv_stamps = {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}
+    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, csv_stamps))
+    files = {name: os.path.join(cache, f"{name}.jsonl") for name in ("train_pos", "train_neg", "val", "test")}
+    try:  # checksums.json, written last, holds each file's sha256: a truncated or altered cache is made again
+        cached = json.load(open(os.path.join(cache, "checksums.json"))) == {n: file_sha256(f) for n, f in files.items()}
+    except (OSError, ValueError):
+        cached = False
+    if os.path.isdir(cache) and not cached:
+        print(f"warning: the Reddit cache {cache} is incomplete or altered: preprocessing and scoring again")
+    parts = {n: load_jsonl(f, "cached data") for n, f in files.items()} if cached else \
+        reddit_splits(args, load_tokenizer(args.model))
     reward_fn = reward_fn or reddit_reward(args, [r["response"] for r in parts["train_pos"] + parts["train_neg"]])
     if not cached:
         add_rewards(parts, reward_fn)
         os.makedirs(cache, exist_ok=True)
-        for name in names:
-            write_atomic(os.path.join(cache, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in parts[name]))
+        for name, path in files.items():
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in parts[name]))
+        write_atomic(os.path.join(cache, "checksums.json"), json.dumps({n: file_sha256(f) for n, f in files.items()}))
     print(f"Reddit data {'read from' if cached else 'preprocessed, scored and cached in'} {cache}: "
-          + ", ".join(f"{name} {len(parts[name])}" for name in names))
+          + ", ".join(f"{name} {len(parts[name])}" for name in files))
     return {"train": parts[f"train_{args.reddit_train}"], "val": parts["val"], "test": parts["test"]}, reward_fn
 
 
 def load_jsonl(path: str, flag: str) -> list:
-    """Rows {prompt, response, reward | rewards}. Every error names the file and line."""
+    """Rows {prompt, response, reward | rewards}, read line by line exactly as written: no value is coerced, and
+    every error names the file and the line. A gzip-compressed file is read as such."""
     if not os.path.isfile(path):
         raise AlolError(f"{flag}: no such file: {path}")
-    import datasets  # only for JSONL (user data, the Reddit cache): the toy task does not pay for its import
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse error is reported below, with its line
-    lines = [i + 1 for i, line in enumerate(open(path, encoding="utf-8")) if line.strip()]
-    try:
-        rows = datasets.load_dataset("json", data_files=path, split="train").to_list()
-    except Exception as e:  # datasets reports a parse error without the line: find it ourselves
-        for lineno, line in enumerate(open(path, encoding="utf-8"), 1):
-            try:
-                line.strip() and json.loads(line)
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    records, names = [], None
+    with (gzip.open if gzipped else open)(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:  # json.loads rejects two objects on one line ("Extra data")
+                row = json.loads(line.decode("utf-8")) if line.strip() else None
+            except UnicodeDecodeError as bad:
+                raise AlolError(f"{where}: not UTF-8 text (byte {line[bad.start]:#04x} at column {bad.start + 1})") from None
             except json.JSONDecodeError as bad:
-                raise AlolError(f"{path}:{lineno}: not valid JSON ({bad.msg})") from None
-        raise AlolError(f"{path}: could not be read as JSONL ({type(e).__name__}: {e})") from None
-    if not rows:
+                raise AlolError(f"{where}: not valid JSON ({bad.msg} at column {bad.colno})") from None
+            if row is None:
+                continue
+            for key in ("prompt", "response"):
+                if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                    raise AlolError(f"{where}: missing field {key!r} (a string)")
+                if not row[key].strip():
+                    raise AlolError(f"{where}: empty {key!r}")
+            rewards = row["rewards"] if "rewards" in row else {"reward": row["reward"]} if "reward" in row else None
+            if not isinstance(rewards, dict) or not rewards:
+                raise AlolError(f"{where}: missing field 'reward' (a number) or 'rewards' (a dict of numbers)")
+            for k, v in rewards.items():  # bool is an int to Python, "0.5" is not a number: both refused
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise AlolError(f"{where}: reward {k!r} is not a finite number: {v!r}")
+            if sorted(rewards) != (names := names or sorted(rewards)):
+                raise AlolError(f"{where}: reward components {sorted(rewards)} differ from the file's first row's {names}")
+            records.append({"prompt": row["prompt"], "response": row["response"], "rewards": rewards, "source": where})
+    if not records:
         raise AlolError(f"{path}: no examples")
-    records = []
-    for lineno, row in zip(lines, rows):
-        where = f"{path}:{lineno}"
-        for key in ("prompt", "response"):
-            if not isinstance(row.get(key), str):
-                raise AlolError(f"{where}: missing field {key!r} (a string)")
-            if not row[key].strip():
-                raise AlolError(f"{where}: empty {key!r}")
-        rewards = row.get("rewards") or ({"reward": row["reward"]} if row.get("reward") is not None else None)
-        if not isinstance(rewards, dict):
-            raise AlolError(f"{where}: missing field 'reward' (a number) or 'rewards' (a dict of numbers)")
-        rewards = {k: v for k, v in rewards.items() if v is not None}  # datasets fills absent dict keys with None
-        for k, v in rewards.items():
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise AlolError(f"{where}: reward {k!r} is not a finite number: {v!r}")
-        records.append({"prompt": row["prompt"], "response": row["response"], "rewards": rewards})
     return records
 
 
@@ -959,8 +1004,41 @@ def load_task(args: Args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 11. Plumbing: hub access and model loading, fingerprints, atomic writes, the run directory, the report
+# 11. Plumbing: input checks, hub access and model loading, fingerprints, atomic writes, the run directory, the report
 # ---------------------------------------------------------------------------------------------------------------
+def preflight(args: Args, splits: dict, reward_fn, tok, model) -> dict:
+    """Every check that can run before the reference stage, so a bad input fails in seconds and leaves nothing
+    behind. Returns the fingerprints of what the run reads (data files, the reward function's code) for --resume."""
+    for name, records in splits.items():
+        if not records:
+            raise AlolError(f"the {name} split is empty")
+    if len({r["prompt"] for r in splits["val"]}) < 2:
+        raise AlolError("the value head needs 2 or more distinct validation prompts (one is held out)")
+    if tok.eos_token_id is None:
+        raise AlolError(f"{args.ref_model or args.model}: the tokenizer has no end-of-text token to end responses with")
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        raise AlolError(f"{args.ref_model or args.model}: the tokenizer has {len(tok)} tokens, the model embeds only "
+                        f"{model.get_input_embeddings().num_embeddings}")
+    k = len(score(reward_fn, [r["prompt"] for r in splits["val"][:4]], [r["response"] for r in splits["val"][:4]])) - 1
+    for r in (r for records in splits.values() for r in records):  # V(x) is fitted on the reward function's scale
+        if not 0 <= sum(r["rewards"].values()) <= k:
+            raise AlolError(f"{r.get('source', 'data')}: reward {sum(r['rewards'].values())} is outside [0, {k}], the "
+                            f"range of the reward function's {k} components in [0, 1]")
+    if args.max_response_len == 1:  # responses are never empty, so 1 token is the first that empties them
+        print("warning: --max-response-len 1 cuts every response down to its final EOS: nothing else is trained")
+    for flag in ("out_dir", "cache_dir"):
+        folder = getattr(args, flag) or "runs"
+        while not os.path.exists(folder):
+            folder = os.path.dirname(os.path.abspath(folder))
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise AlolError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: cannot write there ({e.strerror})") from None
+    files = [getattr(args, f"{s}_file") for s in ("train", "val", "test")] if args.train_file else \
+        [os.path.join(args.data_dir, name) for name in REDDIT_FILES.values()] if args.task == "reddit" else []
+    return {"reward function code": code_fingerprint(reward_fn), **{f: file_sha256(f) for f in files}}
+
+
 @functools.lru_cache(maxsize=None)
 def hub_unreachable(host: str) -> str:
     """Why the hub cannot be reached, or "": one 3-second probe per run instead of a minute of retries."""
@@ -993,11 +1071,15 @@ def hub_path(name: str) -> str:
 
 
 def from_pretrained(cls, name: str, **kwargs):
-    """cls.from_pretrained(name) through hub_path; a missing or incomplete download is one line of error."""
+    """cls.from_pretrained(name) through hub_path; a folder that is not a model, a missing, incomplete or corrupt
+    download is one line of error."""
+    path = hub_path(name)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise AlolError(f"{name}: not a Hugging Face model folder (no config.json)")
     try:
-        return cls.from_pretrained(hub_path(name), **kwargs)
-    except OSError as e:
-        raise AlolError(f"cannot load {name!r}: {e}") from None
+        return cls.from_pretrained(path, **kwargs)
+    except Exception as e:  # OSError, ValueError, safetensors' errors: transformers' first line says what is wrong
+        raise AlolError(f"cannot load {name!r} with {cls.__name__}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
 
 
 def load_policy(path: str, args: Args):
@@ -1048,33 +1130,52 @@ def code_fingerprint(fn) -> str:
     return h.hexdigest()[:20]
 
 
-def write_atomic(path: str, text: str):
-    """Write to a temporary file and rename, so an interrupted run never leaves a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**24):
+            h.update(block)
+    return h.hexdigest()[:20]
 
 
-def prepare_out_dir(args: Args) -> str:
-    """Refuse to mix runs: an --out-dir holding a different run is kept unless --overwrite."""
+def write_atomic(path: str, content):
+    """Write text (or bytes) to a temporary file and rename, so an interrupted run never leaves a half-written file;
+    the temporary name is the process's own, so runs sharing a folder never race on it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(args: Args, fingerprints: dict) -> str:
+    """The run directory, with config.json: the settings, the fingerprints of the data and reward code, and the
+    RUN_MARKER that only alol writes. A folder without the marker is never used or deleted; one holding a different
+    run (other settings, or data or reward code that changed since) is kept unless --overwrite."""
     out = args.out_dir or os.path.join("runs", f"{args.task}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    identity = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_RUN_IDENTITY}
     config_path = os.path.join(out, "config.json")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        old = json.load(open(config_path)) if os.path.exists(config_path) else {}
-        differ = [k for k in identity if old.get(k, "<missing>") != identity[k]]
+    config = {RUN_MARKER: True, **dataclasses.asdict(args), "fingerprints": fingerprints}
+    try:
+        old = json.load(open(config_path)) if os.path.isdir(out) and os.listdir(out) else None
+    except (OSError, ValueError):
+        old = {}
+    if old is not None and old.get(RUN_MARKER) is not True:
+        raise AlolError(f"--out-dir {out} holds files that alol did not write (no alol config.json): choose another "
+                        "--out-dir; alol never deletes such a folder")
+    if args.resume and old is None:
+        raise AlolError(f"--resume: {out or 'no --out-dir given'} holds no run to resume")
+    if old is not None and not args.overwrite:
+        differ = [k for k in config if k not in NOT_RUN_IDENTITY | {"fingerprints"} and old.get(k) != config[k]]
+        differ += [k for k, v in fingerprints.items() if old["fingerprints"].get(k) != v]
         if differ:
             raise AlolError(f"--out-dir {out} already holds a different run (differs in: {', '.join(differ[:6])}); "
                             "pass --overwrite to replace it, or choose another --out-dir")
         if not args.resume:
             raise AlolError(f"--out-dir {out} already holds this run; pass --resume to continue it or --overwrite "
                             "to restart")
-    if args.overwrite and os.path.isdir(out) and os.listdir(out):
-        if not os.path.exists(config_path):  # never delete a folder that is not an alol run (--out-dir .)
-            raise AlolError(f"--out-dir {out} is not empty and holds no alol run (no config.json): not deleting it")
+    if old is not None and args.overwrite:
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    write_atomic(config_path, json.dumps(dataclasses.asdict(args), indent=1))
+    write_atomic(config_path, json.dumps(config, indent=1))
     return out
 
 
@@ -1118,8 +1219,29 @@ def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:
     return table
 
 
-if __name__ == "__main__":
+def cli(argv: list) -> int:
+    """`python alol.py`: an error is one line (exit 1); Ctrl-C is one line with the stage, the step and the command
+    that resumes the run (exit 130)."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
+        return 0
     except AlolError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # where it stopped: the innermost function of this file, and main's run directory
+        frames = {f.f_code.co_name: f.f_locals for f, _ in traceback.walk_tb(e.__traceback__)
+                  if f.f_code.co_filename == __file__}
+        stage, training = list(frames)[-1], frames.get("train_policy", {})
+        if "step" in training:
+            stage = f"training {training['algo']}, step {training['step'] + 1}"
+        out_dir, again = frames.get("main", {}).get("out_dir"), [a for a in argv if a not in ("--resume", "--overwrite")]
+        if out_dir and "--out-dir" not in again:
+            again += ["--out-dir", out_dir]
+        hint = f"to continue: python {sys.argv[0]} {shlex.join(again + ['--resume'])}" if out_dir else \
+            "nothing was written yet"
+        print(f"\ninterrupted in {stage}; {hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -351,7 +351,7 @@ def test_missing_data_file(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [(["--algo", "nll,ppo"], "unknown --algo 'ppo'"), (["--task", "chess"], "invalid choice: 'chess'"),
-                                          (["--clip-eps", "0"], "--clip-eps must be > 0"), (["--train-file", "x"], "go together"),
+                                          (["--clip-eps", "0"], "--clip-eps must be a finite number > 0"), (["--train-file", "x"], "go together"),
                                           (["--epochs", "0"], "--epochs must be at least 1"),
                                           (["--n-train", "0"], "--n-train must be at least 1")])
 def test_bad_flags(argv, message, capsys):
@@ -372,18 +372,18 @@ def test_help_lists_every_setting(capsys):
 
 def test_out_dir_holding_another_run(tmp_path):
     args = small_args(tmp_path)
-    alol.prepare_out_dir(args)
+    alol.prepare_out_dir(args, {})
     with pytest.raises(alol.AlolError, match="already holds a different run .*seed.*--overwrite"):
-        alol.prepare_out_dir(small_args(tmp_path, "--seed", "5"))
+        alol.prepare_out_dir(small_args(tmp_path, "--seed", "5"), {})
     with pytest.raises(alol.AlolError, match="already holds this run; pass --resume"):
-        alol.prepare_out_dir(args)
-    alol.prepare_out_dir(small_args(tmp_path, "--resume", "--algo", "all"))  # adding methods to the same run is fine
-    alol.prepare_out_dir(small_args(tmp_path, "--seed", "5", "--overwrite"))
+        alol.prepare_out_dir(args, {})
+    alol.prepare_out_dir(small_args(tmp_path, "--resume", "--algo", "all"), {})  # adding methods to the same run is fine
+    alol.prepare_out_dir(small_args(tmp_path, "--seed", "5", "--overwrite"), {})
     assert json.load(open(tmp_path / "run" / "config.json"))["seed"] == 5
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(alol.AlolError, match="holds no alol run"):
-        alol.prepare_out_dir(small_args(tmp_path, "--out-dir", str(tmp_path / "precious"), "--overwrite"))
+    with pytest.raises(alol.AlolError, match="holds files that alol did not write"):
+        alol.prepare_out_dir(small_args(tmp_path, "--out-dir", str(tmp_path / "precious"), "--overwrite"), {})
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 

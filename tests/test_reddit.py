@@ -1,5 +1,6 @@
 """The Reddit task offline: tiny CSVs in Kaggle's schema and tiny random models of the paper's classes, saved to a
 temporary folder and loaded by path, run through the same code as the hub ids."""
+import json
 import math
 import os
 import time
@@ -159,7 +160,7 @@ def test_reachable_hub_gets_the_id_not_a_partial_cache(monkeypatch):
     assert alol.hub_path("microsoft/DialogRPT-depth") == "/partial/cache/folder"
 
 
-def test_reddit_end_to_end(reddit, tmp_path, monkeypatch):
+def test_reddit_end_to_end(reddit, tmp_path, monkeypatch, capsys):
     """The whole Reddit path by local paths with a tiny budget: results like the embedded task's; then the cache."""
     results = alol.main(reddit_args(reddit, tmp_path, "--algo", "nll,a_lol"))
     components = {"fluency", "safety", "engagement", "upvotes", "diversity"}
@@ -171,7 +172,7 @@ def test_reddit_end_to_end(reddit, tmp_path, monkeypatch):
     caches = [d for d in os.listdir(reddit["data"]) if d.startswith("alol-")]
     assert len(caches) == 1
     cached = os.path.join(reddit["data"], caches[0])
-    assert sorted(os.listdir(cached)) == ["test.jsonl", "train_neg.jsonl", "train_pos.jsonl", "val.jsonl"]
+    assert sorted(os.listdir(cached)) == ["checksums.json", "test.jsonl", "train_neg.jsonl", "train_pos.jsonl", "val.jsonl"]
     assert len(alol.load_jsonl(os.path.join(cached, "train_pos.jsonl"), "x")[0]["rewards"]) == 5  # our own schema
 
     def must_not_run(*a, **kw):
@@ -183,3 +184,9 @@ def test_reddit_end_to_end(reddit, tmp_path, monkeypatch):
     assert [r["rewards"] for r in splits["train"]] == [r["rewards"] for r in alol.load_jsonl(os.path.join(cached, "train_pos.jsonl"), "x")]
     neg, _ = alol.reddit_build(reddit_args(reddit, tmp_path, "--reddit-train", "neg"))  # same cache, the other split
     assert neg["train"] != splits["train"] and neg["test"] == splits["test"]
+    monkeypatch.undo()
+    with open(os.path.join(cached, "val.jsonl"), "a") as f:  # an altered cache file is never used
+        f.write(json.dumps({"prompt": "x", "response": "y", "rewards": splits["val"][0]["rewards"]}) + "\n")
+    again, _ = alol.reddit_build(reddit_args(reddit, tmp_path))
+    assert "is incomplete or altered: preprocessing and scoring again" in capsys.readouterr().out
+    assert [r["prompt"] for r in again["val"]] == [r["prompt"] for r in splits["val"]]
