@@ -18,6 +18,7 @@ import functools
 import gzip
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import io
 import json
@@ -69,6 +70,8 @@ class Args:
     device: str = opt("auto", "auto (cuda if available), cpu or cuda")
     kernel: str = opt("auto", "log-prob backend of kernels/: auto (Triton on CUDA), torch or triton")
     bf16: bool = opt(True, "bf16 autocast on CUDA; log-probs, ratios and the loss stay fp32")
+    report_to: str = opt("tensorboard", "comma list of trackers for every training step and validation: tensorboard, "
+                         "wandb, trackio, or none (log.jsonl and curves.png are always written)")
     # data
     train_file: str = opt("", "JSONL with prompt, response and reward (or a dict `rewards`); replaces the task's data")
     val_file: str = opt("", "JSONL of the same form; its prompts train the value head")
@@ -107,6 +110,8 @@ class Args:
     priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (the official -ts option)")
     save_every: int = opt(100, "optimiser steps between checkpoints (always saved at the end)")
     # evaluation
+    eval_every: float = opt(0.0, "validation reward (deterministic decode) every N optimiser steps, keeping the best "
+                            "checkpoint for the final evaluation; a value below 1 is a share of an epoch; 0 = off")
     eval_max_new_tokens: int = opt(32, "generated tokens per test prompt, and per reference sample for V(x)")
     eval_num_beams: int = opt(1, "beams of the deterministic decode (1 = greedy)")
     eval_repetition_penalty: float = opt(1.0, "repetition penalty of the deterministic decode")
@@ -125,13 +130,13 @@ TASK_PRESETS = {
     # bf16 autocast over fp32 weights and AdamW (~6 GB), no [B, T, V] logits (kernels/), sequences <= 300 tokens.
     "reddit": dict(model="microsoft/DialoGPT-medium", n_train=0, n_val=1000, n_test=1000, max_prompt_len=512,
                    max_response_len=128, ref_epochs=6, ref_lr=2e-5, epochs=3, lr=2e-5, batch_size=8, grad_accum=2,
-                   value_samples=2, value_epochs=5, value_lr=2e-5, save_every=1000, eval_max_new_tokens=128,
-                   eval_num_beams=2, eval_repetition_penalty=2.5, eval_batch_size=32),
+                   value_samples=2, value_epochs=5, value_lr=2e-5, save_every=1000, eval_every=0.5,
+                   eval_max_new_tokens=128, eval_num_beams=2, eval_repetition_penalty=2.5, eval_batch_size=32),
 }
 ALGOS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 REWARD_MODELS = ("fluency_model", "safety_model", "depth_model", "updown_model")
 # Settings that may differ when --resume adds methods to or re-evaluates an existing run.
-NOT_RUN_IDENTITY = {"algo", "resume", "overwrite", "out_dir", "device", "kernel", "cache_dir"}
+NOT_RUN_IDENTITY = {"algo", "resume", "overwrite", "out_dir", "device", "kernel", "cache_dir", "report_to"}
 RUN_MARKER = "alol_run"  # a key of config.json that only alol writes: --overwrite deletes no folder without it
 
 
@@ -173,6 +178,10 @@ def parse_args(argv=None) -> Args:
         value = getattr(args, k)
         if not math.isfinite(value) or value < 0 or (value == 0 and k in positive):
             p.error(f"--{k.replace('_', '-')} must be a finite number {'> 0' if k in positive else '>= 0'}")
+    if set(args.report_to.split(",")) - {"none", "tensorboard", "wandb", "trackio"}:
+        p.error(f"--report-to {args.report_to!r}: a comma list of tensorboard, wandb, trackio, or none")
+    if not 0 <= args.eval_every < math.inf or (args.eval_every > 1 and args.eval_every % 1):
+        p.error("--eval-every must be a whole number of steps, a share of an epoch below 1, or 0")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         p.error(f"--device {args.device!r}: choose auto, cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and int(args.device.partition(":")[2] or 0) >= torch.cuda.device_count():
@@ -538,14 +547,13 @@ def train_step(policy, optim, data: dict, indices: torch.Tensor, algo: str, args
     return {"grad_norm": grad_norm, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
 
 
-def save_checkpoint(policy, tok, optim, sched, step: int, ckpt: str):
-    """`save_pretrained` format (loadable with from_pretrained) plus the optimiser state for --resume, written
-    last: a checkpoint.tmp that holds trainer_state.pt is complete."""
+def save_checkpoint(policy, tok, ckpt: str, state: dict):
+    """`save_pretrained` format (loadable with from_pretrained) plus `state` (the optimiser's, for --resume; the
+    validation reward, for best/) in trainer_state.pt, written last: a checkpoint.tmp that holds it is complete."""
     shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
     policy.save_pretrained(ckpt + ".tmp")
     tok.save_pretrained(ckpt + ".tmp")
-    torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step},
-               os.path.join(ckpt + ".tmp", "trainer_state.pt"))
+    torch.save(state, os.path.join(ckpt + ".tmp", "trainer_state.pt"))
     shutil.rmtree(ckpt, ignore_errors=True)
     os.replace(ckpt + ".tmp", ckpt)
 
@@ -567,10 +575,12 @@ def resume_checkpoint(policy, optim, sched, ckpt: str, log_path: str, args: Args
 
 
 def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, epochs: int, lr: float, frozen=None,
-                 priority=None):
+                 priority=None, validate=None):
     """Train `policy` in place with `algo` for `epochs`, checkpointing to run_dir/checkpoint; with --resume,
     continue from that checkpoint (same batches, same optimiser state: the weights end up identical).
-    frozen: the reference's cached quantities (train_step); priority: A+ for priority sampling, or None."""
+    frozen: the reference's cached quantities (train_step); priority: A+ for priority sampling, or None.
+    validate(policy) -> validation reward, every --eval-every steps and after the last: the best step's weights
+    are kept in run_dir/best and loaded back at the end. Returns {step, val_reward} of that step, or None."""
     schedule = sampling_schedule(len(data["reward"]), priority, epochs, args.batch_size * args.grad_accum, args.seed)
     optim = torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-8, weight_decay=args.weight_decay)
     # Linear decay over optimiser steps; the official schedule counted micro-batches and ended at half the LR.
@@ -578,6 +588,14 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
     ckpt, log_path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "log.jsonl")
     os.makedirs(run_dir, exist_ok=True)
     start = resume_checkpoint(policy, optim, sched, ckpt, log_path, args)
+    if validate is None or not args.eval_every:
+        every = 0
+    else:  # a value below 1 is a share of an epoch
+        every = max(1, round(args.eval_every * len(schedule) / epochs)) if args.eval_every < 1 else int(args.eval_every)
+    best_dir = os.path.join(run_dir, "best")  # the best validated weights so far, kept across --resume
+    best_path = os.path.join(best_dir, "trainer_state.pt")
+    best = torch.load(best_path, weights_only=True) if start and os.path.exists(best_path) else {"val_reward": -math.inf}
+    tracker = Tracker(args, run_dir, start)
     policy.train()
     with open(log_path, "a" if start else "w") as log:
         bar = tqdm(range(start, len(schedule)), desc=f"train {algo}", initial=start, total=len(schedule),
@@ -590,13 +608,27 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
                 raise AlolError(f"{algo}: non-finite values at step {step + 1} ({e}); stopped before updating or "
                                 f"saving the weights. Try a lower learning rate (now {lr}) or --max-grad-norm.") from None
             sched.step()
-            log.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}",
                             adv=f"{row['adv']:.2f}")
+            rows = [row]
+            if every and ((step + 1) % every == 0 or step + 1 == len(schedule)):
+                rows.append({"step": step + 1, "val_reward": validate(policy)})
+                policy.train()
+                if rows[-1]["val_reward"] > best["val_reward"]:
+                    best = rows[-1]
+                    save_checkpoint(policy, tok, best_dir, best)
+            for r in rows:
+                log.write(json.dumps(r) + "\n")
+                tracker.log(r)
             if (step + 1) % args.save_every == 0 or step + 1 == len(schedule):
                 log.flush()
-                save_checkpoint(policy, tok, optim, sched, step + 1, ckpt)
-    return policy.eval()
+                save_checkpoint(policy, tok, ckpt, {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+                                                    "step": step + 1})
+    tracker.close()
+    if every:
+        policy.load_state_dict(load_policy(best_dir, args).state_dict())
+    policy.eval()
+    return best if every else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -656,15 +688,22 @@ def main(args: Args) -> dict:
 
     # 3. The reference policy: given, or NLL on the training data from the initial policy (the paper's recipe)
     ref_dir = os.path.join(out_dir, "reference")
+    val_prompts = sorted({r["prompt"] for r in splits["val"]})
+
+    def validate(policy):  # for --eval-every: the deterministic decode's mean reward on the validation prompts
+        return score(reward_fn, val_prompts, generate(policy, tok, val_prompts, args, sample=False))["reward"].mean().item()
+
     if not args.ref_model:  # trains the initial policy in place: from here on it is pi_ref
-        train_policy(ref, tok, train, "nll", ref_dir, args, args.ref_epochs, args.ref_lr)
+        ref_selected = train_policy(ref, tok, train, "nll", ref_dir, args, args.ref_epochs, args.ref_lr, validate=validate)
+        write_curves(out_dir, ["reference"], args.clip_eps)
     ref.requires_grad_(False)
     test = splits["test"]
     data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
     data_scores["reward"] = sum(data_scores.values())
     results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
                "data": text_metrics([r["response"] for r in test], data_scores),
-               "reference": evaluate(ref, tok, test, reward_fn, args, ref_dir)}
+               "reference": {**evaluate(ref, tok, test, reward_fn, args, ref_dir),
+                             "selected": None if args.ref_model else ref_selected}}
     print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
           f"{results['reference']['reward_sampled']:.3f} sampled, {results['reference']['reward_greedy']:.3f} greedy")
 
@@ -685,19 +724,21 @@ def main(args: Args) -> dict:
 
     # 6-8. Each method from the same reference, then its evaluation
     results["methods"] = {}
-    for algo in algos:
-        policy = load_policy(args.ref_model or os.path.join(ref_dir, "checkpoint"), args)
+    for i, algo in enumerate(algos):
+        policy = load_policy(args.ref_model or os.path.join(ref_dir, "best" if args.eval_every else "checkpoint"), args)
         priority = advantage.clamp(min=0) if algo.startswith("a_lol") and args.priority_sampling else None
         start = time.time()
-        train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr, frozen, priority)
+        selected = train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr,
+                                frozen, priority, validate)
         seconds = round(time.time() - start, 1)
         results["methods"][algo] = {**evaluate(policy, tok, test, reward_fn, args, os.path.join(out_dir, algo)),
-                                    "train_seconds": seconds}
+                                    "train_seconds": seconds, "selected": selected}
         print(f"{algo}: reward {results['methods'][algo]['reward_sampled']:.3f} sampled, "
               f"{results['methods'][algo]['reward_greedy']:.3f} greedy")
+        write_curves(out_dir, ["reference", *algos[:i + 1]], args.clip_eps)
         del policy
     table = write_report(results, advantage, out_dir)
-    print(f"\n{table}\n\nresults: {out_dir}/results.json, results.md, results.png")
+    print(f"\n{table}\n\nresults: {out_dir}/results.json, results.md, results.png, curves.png")
     return results
 
 
@@ -977,6 +1018,8 @@ def load_jsonl(path: str, flag: str) -> list:
 
 def load_reward_fn(spec: str):
     module, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:  # `python path/to/alol.py` puts alol's folder first, not the working directory
+        sys.path.insert(1, os.getcwd())
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
@@ -1026,6 +1069,9 @@ def preflight(args: Args, splits: dict, reward_fn, tok, model) -> dict:
                             f"range of the reward function's {k} components in [0, 1]")
     if args.max_response_len == 1:  # responses are never empty, so 1 token is the first that empties them
         print("warning: --max-response-len 1 cuts every response down to its final EOS: nothing else is trained")
+    for kind in set(args.report_to.split(",")) - {"none"}:
+        if importlib.util.find_spec(kind) is None:
+            raise AlolError(f"--report-to {kind}: the {kind} package is not installed (pip install {kind})")
     for flag in ("out_dir", "cache_dir"):
         folder = getattr(args, flag) or "runs"
         while not os.path.exists(folder):
@@ -1177,6 +1223,71 @@ def prepare_out_dir(args: Args, fingerprints: dict) -> str:
     os.makedirs(out, exist_ok=True)
     write_atomic(config_path, json.dumps(config, indent=1))
     return out
+
+
+class Tracker:
+    """--report-to: every row logged to log.jsonl also goes to each chosen tracker, one run per stage named
+    <run directory>/<stage>, with the settings logged once. Imported only when chosen."""
+
+    def __init__(self, args: Args, run_dir: str, start: int):
+        group = os.path.basename(os.path.dirname(os.path.abspath(run_dir)))
+        self.writers, self.modules = [], []
+        for kind in set(args.report_to.split(",")) - {"none"}:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step: a resumed stage drops the events logged after its checkpoint, as log.jsonl does
+                self.writers.append(SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start + 1))
+                self.writers[-1].add_text("settings", json.dumps(dataclasses.asdict(args)), 0)
+            else:  # wandb and trackio share init / log / finish
+                self.modules.append(importlib.import_module(kind))
+                self.modules[-1].init(project="alol", group=group, name=f"{group}/{os.path.basename(run_dir)}",
+                                      config=dataclasses.asdict(args))
+
+    def log(self, row: dict):
+        scalars = {k: v for k, v in row.items() if k != "step"}
+        for writer in self.writers:
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, row["step"])
+        for module in self.modules:
+            module.log(scalars, step=row["step"])
+
+    def close(self):
+        for writer in self.writers:
+            writer.close()
+        for module in self.modules:
+            module.finish()
+
+
+def write_curves(out_dir: str, stages: list, clip_eps):
+    """curves.png: per optimiser step, one line per stage: loss, mean ratio with the clip band, clipped share, mean A+
+    (the methods only: the NLL reference stage has no ratio and no advantage), and the validation reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {"loss": "loss", "ratio": "mean ratio pi/pi_ref (clipped)", "clip_frac": "share clipped",
+              "adv": "mean A+ of the batch", "val_reward": "validation reward (--eval-every)"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for color, stage in enumerate(stages):
+        rows = [json.loads(line) for line in open(os.path.join(out_dir, stage, "log.jsonl"))]
+        for ax, key in zip(axes, panels):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points and not (stage == "reference" and key in ("ratio", "clip_frac", "adv")):
+                ax.plot(*zip(*points), color=f"C{color}", label=stage, marker="o" if key == "val_reward" else None)
+    if clip_eps is not None:
+        axes[1].axhspan(max(1 - clip_eps, 0), 1 + clip_eps, color="gray", alpha=0.15, label=f"1 ± {clip_eps}")
+    for ax, title in zip(axes, panels.values()):
+        ax.set(title=title, xlabel="optimiser step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "off", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
+    plt.close(fig)
 
 
 def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:

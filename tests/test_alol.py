@@ -292,7 +292,8 @@ def test_resume_reproduces_uninterrupted_weights(toy, tmp_path, monkeypatch):
     args, train, tok = toy["args"], toy["train"], toy["tok"]
     args = alol.Args(**{**vars(args), "save_every": 2, "batch_size": 16})
     data = {k: v[:64] for k, v in train.items()}
-    full = alol.train_policy(alol.load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "full"), args, 2, 1e-3)
+    full = alol.load_policy(toy["path"], args)
+    alol.train_policy(full, tok, data, "nll", str(tmp_path / "full"), args, 2, 1e-3)
 
     real, calls = alol.train_step, []
 
@@ -306,11 +307,12 @@ def test_resume_reproduces_uninterrupted_weights(toy, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         alol.train_policy(alol.load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "cut"), args, 2, 1e-3)
     monkeypatch.setattr(alol, "train_step", real)
-    assert torch.load(tmp_path / "cut" / "checkpoint" / "trainer_state.pt")["step"] == 4
+    assert torch.load(tmp_path / "cut" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 4
     with open(tmp_path / "cut" / "log.jsonl", "a") as log:
         log.write('{"step": 5, "lo')  # a line cut short by the kill
     resumed_args = alol.Args(**{**vars(args), "resume": True})
-    resumed = alol.train_policy(alol.load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "cut"), resumed_args, 2, 1e-3)
+    resumed = alol.load_policy(toy["path"], args)
+    alol.train_policy(resumed, tok, data, "nll", str(tmp_path / "cut"), resumed_args, 2, 1e-3)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "log.jsonl")]
