@@ -766,7 +766,10 @@ def tiny_gpt2(tok, args: Args):
 # The paper's Reddit task: replies to Reddit comments from Kaggle's "Reddit comment scores", one file of upvoted and
 # one of downvoted replies; the parent comment is the prompt (official preprocess_reddit_comment_scores_...py).
 REDDIT_FILES = {"pos": "comments_positive.csv", "neg": "comments_negative.csv"}
-URL = re.compile(r"https?://\S+|www\.\S+")
+# The official url_regex (utils/utils.py): a scheme is required, so a bare www.… stays, and the trailing ")" or
+# quote of "(see http://…)" is kept.
+URL = re.compile(r"https?:\/\/(www\.)?[-a-zA-Z0-9@:%._\+~#=]{1,256}\.[a-zA-Z0-9()]{1,6}\b"
+                 r"([-a-zA-Z0-9@:;%_\\\+.~#?&//=]*)")
 CLASSIFIER_MAX_TOKENS = 512  # RoBERTa's position limit; DialogRPT (GPT-2) reads the same cut of parent + reply
 
 
