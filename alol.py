@@ -825,26 +825,64 @@ def not_offensive_label(config) -> int:
 
 
 @torch.no_grad()
-def classifier_scores(path: str, texts: list, args: Args, label=None) -> torch.Tensor:
-    """P(label) under a sequence classifier, or the sigmoid of its single logit (DialogRPT). Loaded for this call
-    and freed after it, so reward models never share the GPU with the policy's training; fp16 on CUDA."""
+def classifier_scores(path: str, texts: list, args: Args, label=None, pairs=None, max_tokens=CLASSIFIER_MAX_TOKENS):
+    """P(label) under a sequence classifier, or the sigmoid of a reward model's one logit (DialogRPT, HH's), for
+    each text or (text, pair) such as (question, answer). Inputs longer than max_tokens lose their start: the reply
+    being scored is at the end. Loaded for this call and freed after it, so reward models never share the GPU with
+    the policy's training; fp16 on CUDA."""
     tok = load_tokenizer(path)
+    tok.padding_side, tok.truncation_side = "right", "left"  # right padding: the positions 0..n-1 of training
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     model = from_pretrained(transformers.AutoModelForSequenceClassification, path, dtype=dtype).to(args.device).eval()
     model.config.pad_token_id = tok.pad_token_id  # GPT-2 classifiers take the last token before the padding
+    if model.config.num_labels > 1 and label is None:  # a reward model, which has one logit, was expected
+        raise AlolError(f"{path}: expected a reward model with one logit, got {model.config.num_labels} classes")
     index = None if model.config.num_labels == 1 else label(model.config)
     texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
+    pairs = pairs and [t or tok.eos_token for t in pairs]
     out = []
     for i in tqdm(range(0, len(texts), args.eval_batch_size), desc=f"reward {os.path.basename(path)}", leave=False,
                   disable=None):
-        enc = tok(texts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True,
-                  max_length=CLASSIFIER_MAX_TOKENS)
+        enc = tok(texts[i:i + args.eval_batch_size], pairs and pairs[i:i + args.eval_batch_size], return_tensors="pt",
+                  padding=True, truncation=True, max_length=min(max_tokens, tok.model_max_length))
         logits = model(**enc.to(args.device)).logits.float()  # (b, classes)
         out.append(torch.sigmoid(logits[:, 0]) if index is None else logits.softmax(-1)[:, index])
     del model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return torch.cat(out).cpu()
+
+
+class NeoXRewardConfig(transformers.GPTNeoXConfig):
+    model_type = "gpt_neox_reward_model"  # what OpenAssistant's reward checkpoints declare in their config.json
+
+    def __init__(self, pooling="last", **kwargs):
+        super().__init__(**kwargs)
+        self.pooling, self.num_labels = pooling, 1  # one reward logit, whatever label names the checkpoint saved
+
+
+class NeoXRewardModel(transformers.GPTNeoXPreTrainedModel):
+    """OpenAssistant's reward models (oasst-rm-*-pythia-*, the paper's HH rewards), which no transformers class loads:
+    a GPT-NeoX body, then a linear `out_proj` to one logit on the last real token's hidden state (pooling "last") or
+    on their mean ("mean"). Registered below: AutoModelForSequenceClassification, hence classifier_scores, loads it."""
+    config_class = NeoXRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gpt_neox, self.out_proj = transformers.GPTNeoXModel(config), nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        hidden = self.gpt_neox(input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        last = attention_mask.cumsum(1).argmax(1)  # (B,) the last real token, on either padding side
+        mask = attention_mask[..., None].to(hidden.dtype)
+        pooled = (hidden[torch.arange(len(hidden), device=hidden.device), last] if self.config.pooling == "last"
+                  else (hidden * mask).sum(1) / mask.sum(1))  # (B, H)
+        return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.out_proj(pooled))  # (B, 1)
+
+
+transformers.AutoConfig.register(NeoXRewardConfig.model_type, NeoXRewardConfig, exist_ok=True)
+transformers.AutoModelForSequenceClassification.register(NeoXRewardConfig, NeoXRewardModel, exist_ok=True)
 
 
 def reddit_reward(args: Args, references: list):
@@ -865,9 +903,8 @@ def reddit_reward(args: Args, references: list):
 
 
 def reddit_build(args: Args, reward_fn=None):
-    """The Reddit splits with their rewards, and the reward function. Scored once and cached as JSONL in this
-    project's schema next to the data, under a key of the CSVs, the tokenizer, the sizes and the reward models;
-    the next run reads them back (and they work as --train-file, --val-file, --test-file)."""
+    """The Reddit splits with their rewards, and the reward function, cached next to the data under a key of the CSVs,
+    the tokenizer, the sizes and the reward models."""
     paths = [os.path.join(args.data_dir, name) for name in REDDIT_FILES.values()]
     if not all(map(os.path.isfile, paths)):
         raise AlolError(f"--data-dir {args.data_dir} must hold {' and '.join(REDDIT_FILES.values())}: download "
@@ -876,22 +913,32 @@ def reddit_build(args: Args, reward_fn=None):
                         f"{os.path.abspath(args.data_dir)}")
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_val", "n_test", "reward_fn", *REWARD_MODELS)}
     files = {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}
-    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, files))
-    names = ("train_pos", "train_neg", "val", "test")
+    parts, reward_fn = scored_splits(
+        os.path.join(args.data_dir, "alol-" + fingerprint(settings, files)), ("train_pos", "train_neg", "val", "test"),
+        lambda: reddit_splits(args, load_tokenizer(args.model)),
+        lambda parts: reward_fn or reddit_reward(args, [r["response"] for name in ("train_pos", "train_neg")
+                                                        for r in parts[name]]))
+    return {"train": parts[f"train_{args.reddit_train}"], "val": parts["val"], "test": parts["test"]}, reward_fn
+
+
+def scored_splits(cache: str, names: tuple, build, make_reward):
+    """The splits `names` (from build()) and the reward function (make_reward(splits)); the splits are scored once
+    and cached as JSONL in this project's schema in the folder `cache`, and the next run reads them back (they work
+    as --train-file, --val-file, --test-file)."""
     cached = all(os.path.exists(os.path.join(cache, f"{name}.jsonl")) for name in names)
     if cached:
         parts = {name: load_jsonl(os.path.join(cache, f"{name}.jsonl"), "cached data") for name in names}
     else:
-        parts = reddit_splits(args, load_tokenizer(args.model))
-    reward_fn = reward_fn or reddit_reward(args, [r["response"] for r in parts["train_pos"] + parts["train_neg"]])
+        parts = build()
+    reward_fn = make_reward(parts)
     if not cached:
         add_rewards(parts, reward_fn)
         os.makedirs(cache, exist_ok=True)
         for name in names:
             write_atomic(os.path.join(cache, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in parts[name]))
-    print(f"Reddit data {'read from' if cached else 'preprocessed, scored and cached in'} {cache}: "
+    print(f"data {'read from' if cached else 'prepared, scored and cached in'} {cache}: "
           + ", ".join(f"{name} {len(parts[name])}" for name in names))
-    return {"train": parts[f"train_{args.reddit_train}"], "val": parts["val"], "test": parts["test"]}, reward_fn
+    return parts, reward_fn
 
 
 def load_jsonl(path: str, flag: str) -> list:
