@@ -573,6 +573,14 @@ def text_metrics(responses: list, scores: dict) -> dict:
             "length": sum(map(len, words)) / max(len(words), 1)}
 
 
+def subset_metrics(records: list, responses: list, scores: dict) -> dict:
+    """{"subsets": {name: text_metrics}} over the records' `subset` labels (HH's four test sets), or {} without them."""
+    names = dict.fromkeys(r["subset"] for r in records if "subset" in r)
+    rows = {name: [i for i, r in enumerate(records) if r.get("subset") == name] for name in names}
+    return {"subsets": {name: text_metrics([responses[i] for i in idx], {k: v[idx] for k, v in scores.items()})
+                        for name, idx in rows.items()}} if rows else {}
+
+
 def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str) -> dict:
     """Sampled and deterministic generations on the test prompts; every generation is kept in generations.jsonl."""
     metrics_path = os.path.join(run_dir, "metrics.json")
@@ -584,7 +592,8 @@ def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str
     both = score(reward_fn, prompts * 2, sampled + greedy)  # one call: reward models load once
     scores, greedy_reward = {k: v[:len(prompts)] for k, v in both.items()}, both["reward"][len(prompts):]
     metrics = text_metrics(sampled, scores)
-    metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics}
+    metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics,
+               **subset_metrics(test_records, greedy, {k: v[len(prompts):] for k, v in both.items()})}  # as HH's table
     os.makedirs(run_dir, exist_ok=True)
     write_atomic(os.path.join(run_dir, "generations.jsonl"), "".join(
         json.dumps({"prompt": p, "sampled": s, "greedy": g, "reward_sampled": r, "reward_greedy": rg}) + "\n"
@@ -621,7 +630,8 @@ def main(args: Args) -> dict:
     data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
     data_scores["reward"] = sum(data_scores.values())
     results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
-               "data": text_metrics([r["response"] for r in test], data_scores),
+               "data": {**text_metrics([r["response"] for r in test], data_scores),
+                        **subset_metrics(test, [r["response"] for r in test], data_scores)},
                "reference": evaluate(ref, tok, test, reward_fn, args, ref_dir)}
     print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
           f"{results['reference']['reward_sampled']:.3f} sampled, {results['reference']['reward_greedy']:.3f} greedy")
@@ -1144,6 +1154,13 @@ def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:
         cells = [m["reward_sampled"], m.get("reward_greedy"), *(m["components"].get(c) for c in comps), m["distinct_1"],
                  m["distinct_2"], m["length"]]
         lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    subsets = [(name, subset, s) for name, m in rows.items() for subset, s in m.get("subsets", {}).items()]
+    if subsets:  # the paper's HH table
+        keys = ("reward", "distinct_1", "distinct_2", "distinct_3", "length")
+        lines += ["", "Per test subset: the offline responses (data) and each model's deterministic decode.", "",
+                  "|  | subset | reward | distinct-1 | distinct-2 | distinct-3 | length |", "|" + "---|" * 7]
+        lines += [f"| {name} | {subset} | " + " | ".join(f"{s[k]:.3f}" for k in keys) + " |"
+                  for name, subset, s in subsets]
     table = "\n".join(lines)
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     write_atomic(os.path.join(out_dir, "results.md"), f"# A-LoL results: task {results['task']}, seed {results['seed']}"
