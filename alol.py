@@ -70,6 +70,9 @@ class Args:
     test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
     data_dir: str = opt("data/reddit", "reddit: folder with Kaggle's comments_positive.csv and comments_negative.csv")
     reddit_train: str = opt("pos", "reddit: train on the upvoted (pos) or the downvoted (neg) replies")
+    hh_dataset: str = opt("Anthropic/hh-rlhf", "hh: Hugging Face dataset id, or a folder of its layout (one folder per "
+                          "subset with train.jsonl.gz and test.jsonl.gz)")
+    hh_train: str = opt("chosen", "hh: offline responses: `chosen` (the paper's) or `both` chosen and rejected")
     n_train: int = opt(8000, "training examples: toy generates this many; reddit keeps at most this many (0 = all)")
     n_val: int = opt(600, "validation examples (value-head prompts); reddit: per CSV file")
     n_test: int = opt(400, "test examples (toy: prompts unseen in training); reddit: per CSV file")
@@ -81,6 +84,8 @@ class Args:
     safety_model: str = opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the reply")
     depth_model: str = opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) of parent+reply")
     updown_model: str = opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) of parent+reply")
+    hh_reward_model: str = opt("OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "hh: sigmoid of this reward model "
+                               "(the paper's for train and validation; or any one-logit sequence classifier)")
     # reference policy
     model: str = opt("", "Hugging Face id or path of the initial policy; empty = the task's own tiny GPT-2")
     ref_model: str = opt("", "path of a trained reference policy; skips the NLL reference stage")
@@ -122,6 +127,13 @@ TASK_PRESETS = {
                    max_response_len=128, ref_epochs=6, ref_lr=2e-5, epochs=3, lr=2e-5, batch_size=8, grad_accum=2,
                    value_samples=2, value_epochs=5, value_lr=2e-5, save_every=1000, eval_max_new_tokens=128,
                    eval_num_beams=2, eval_repetition_penalty=2.5, eval_batch_size=32),
+    # The paper's HH settings (lolrl_qlora_llama_hh.py): prompts 640 tokens, responses 128, batch 4 x 4, grad-norm 0.3,
+    # no weight decay, value head 10 epochs at lr 1e-5, greedy test decode of 128 tokens, kl_beta 0.2 (its README).
+    # The policy is Qwen2.5-0.5B trained in full (LLaMA-7B with QLoRA in the paper): README, "--task hh".
+    "hh": dict(model="Qwen/Qwen2.5-0.5B", n_train=0, n_val=1000, n_test=500, max_prompt_len=640, max_response_len=128,
+               ref_epochs=1, ref_lr=1e-5, epochs=1, lr=1e-5, batch_size=4, grad_accum=4, weight_decay=0.0,
+               max_grad_norm=0.3, kl_beta=0.2, value_samples=2, value_epochs=10, value_lr=1e-5, save_every=1000,
+               eval_max_new_tokens=128, eval_batch_size=32),
 }
 ALGOS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 REWARD_MODELS = ("fluency_model", "safety_model", "depth_model", "updown_model")
@@ -951,6 +963,91 @@ def scored_splits(cache: str, names: tuple, build, make_reward):
     return parts, reward_fn
 
 
+# The paper's HH task: Anthropic's Helpful and Harmless dialogues (Anthropic/hh-rlhf; one folder per subset, each with
+# a train and a test split of `chosen` and `rejected` transcripts that differ in the last assistant turn). The prompt
+# is every turn before that one, in the official template (lolrl_qlora_llama_hh.py); the reply is the response.
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")  # the paper's test sets
+HH_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions.\n")
+HH_TRAIN = {"chosen": ("chosen",), "both": ("chosen", "rejected")}  # the paper's good_priority; official all_priority
+HH_ROLE_TOKENS = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}  # OpenAssistant's, for its reward models
+HH_REWARD_MAX_TOKENS = 1024  # the official reward input length (left-truncated)
+HH_SPLIT_SEED = 901  # not --seed: every run splits the same way, so the scored cache is shared
+
+
+def hh_record(transcript: str):
+    """{"prompt", "response"} of a "\\n\\nHuman: ... \\n\\nAssistant: ..." transcript, or None when it does not end in a
+    non-empty assistant turn. Turns are stripped; text before the first turn is dropped."""
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", transcript)[1:]  # role, text, role, text, ...
+    turns = [(role, text.strip()) for role, text in zip(parts[::2], parts[1::2])]
+    if not turns or turns[-1][0] != "Assistant" or not turns[-1][1]:
+        return None
+    prompt = "".join(f" ### {role}: {text}" for role, text in turns[:-1]) + " ### Assistant: "
+    return {"prompt": HH_SYSTEM + prompt.strip(), "response": turns[-1][1]}
+
+
+def hh_chat(prompt: str, response: str) -> str:
+    """A prompt in the template and its reply as OpenAssistant's reward models read a chat (official metrics_hh.py):
+    role token, text and EOS for every turn."""
+    parts = re.split(r" ?### (Human|Assistant): ?", prompt.removeprefix(HH_SYSTEM))[1:]
+    turns = list(zip(parts[::2], parts[1::2]))[:-1] + [("Assistant", response)]  # the prompt's last turn is empty
+    return "".join(HH_ROLE_TOKENS[role] + text + EOS for role, text in turns)
+
+
+def hh_reward(args: Args):
+    """sigmoid(reward model) in [0, 1], as the official code. OpenAssistant's Pythia models (NeoXRewardModel) read the
+    whole chat as one text; any other classifier reads (conversation, reply), as OpenAssistant's DeBERTa model does."""
+    path = hub_path(args.hh_reward_model)  # an unreachable hub fails here, at once
+    chat = from_pretrained(transformers.AutoConfig, path).model_type == NeoXRewardConfig.model_type
+
+    def reward_fn(prompts, responses):
+        if chat:
+            texts, pairs = [hh_chat(p, r) for p, r in zip(prompts, responses)], None
+        else:
+            texts, pairs = [p.removeprefix(HH_SYSTEM) for p in prompts], responses
+        return {"preference": classifier_scores(path, texts, args, None, pairs, HH_REWARD_MAX_TOKENS)}
+
+    return reward_fn
+
+
+def hh_splits(args: Args) -> dict:
+    """The train conversations of the four subsets pooled and shuffled: val = the first n_val, train = the rest (at
+    most n_train if set), both chosen and rejected; test = the first n_test chosen of each subset's shuffled test
+    split. Transcripts without a final assistant reply are dropped."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    source, pool, parts = hub_path(args.hh_dataset, "dataset"), [], {}
+    for subset in HH_SUBSETS:
+        try:
+            data = datasets.load_dataset(source, data_dir=subset)
+        except Exception as e:  # a partial download or a folder of another layout
+            raise AlolError(f"--hh-dataset {args.hh_dataset}: cannot load {subset} ({type(e).__name__}: {e})") from None
+        pool += data["train"].to_list()
+        test = random.Random(HH_SPLIT_SEED).sample([row["chosen"] for row in data["test"]], len(data["test"]))
+        parts[f"test-{subset}"] = list(filter(None, map(hh_record, test)))[:args.n_test]
+    random.Random(HH_SPLIT_SEED).shuffle(pool)
+    val, train = pool[:args.n_val], pool[args.n_val:][:args.n_train or None]
+    return {"train_chosen": list(filter(None, (hh_record(row["chosen"]) for row in train))),
+            "train_rejected": list(filter(None, (hh_record(row["rejected"]) for row in train))),
+            "val": list(filter(None, (hh_record(row["chosen"]) for row in val))), **parts}
+
+
+def hh_build(args: Args, reward_fn=None):
+    """The HH splits with their rewards (test records labelled with their subset), and the reward function; cached in
+    --cache-dir under a key of the dataset, the sizes and the reward model."""
+    if args.hh_train not in HH_TRAIN:
+        raise AlolError(f"--hh-train must be one of {', '.join(HH_TRAIN)}, got {args.hh_train!r}")
+    settings = {k: vars(args)[k] for k in ("hh_dataset", "hh_reward_model", "n_train", "n_val", "n_test", "reward_fn")}
+    local = sorted(os.path.join(d, f) for d, _, names in os.walk(args.hh_dataset) for f in names)  # [] for a hub id
+    files = {"local": [[os.path.relpath(p, args.hh_dataset), os.path.getsize(p), os.path.getmtime(p)] for p in local]}
+    names = ("train_chosen", "train_rejected", "val", *(f"test-{subset}" for subset in HH_SUBSETS))
+    parts, reward_fn = scored_splits(os.path.join(args.cache_dir, "hh-" + fingerprint(settings, files)), names,
+                                     lambda: hh_splits(args), lambda parts: reward_fn or hh_reward(args))
+    return {"train": [r for kind in HH_TRAIN[args.hh_train] for r in parts[f"train_{kind}"]], "val": parts["val"],
+            "test": [{**r, "subset": subset} for subset in HH_SUBSETS for r in parts[f"test-{subset}"]]}, reward_fn
+
+
 def load_jsonl(path: str, flag: str) -> list:
     """Rows {prompt, response, reward | rewards}. Every error names the file and line."""
     if not os.path.isfile(path):
@@ -1004,7 +1101,8 @@ class Task:
     reward: object  # (args, training responses) -> reward_fn, for --train-file data
 
 
-TASKS = {"toy": Task(toy_build, lambda args, references: toy_reward), "reddit": Task(reddit_build, reddit_reward)}
+TASKS = {"toy": Task(toy_build, lambda args, references: toy_reward), "reddit": Task(reddit_build, reddit_reward),
+         "hh": Task(hh_build, lambda args, references: hh_reward(args))}
 
 
 def load_task(args: Args):
@@ -1031,7 +1129,7 @@ def hub_unreachable(host: str) -> str:
         return str(e)
 
 
-def hub_path(name: str) -> str:
+def hub_path(name: str, repo_type: str = "model") -> str:
     """A local folder; a Hugging Face id when the hub answers (from_pretrained then fetches what the cache lacks);
     else the id's folder in the cache. Anything else fails within seconds with a message."""
     if os.path.isdir(name):
@@ -1045,7 +1143,7 @@ def hub_path(name: str) -> str:
     if not why:
         return name
     try:
-        return huggingface_hub.snapshot_download(name, local_files_only=True)
+        return huggingface_hub.snapshot_download(name, repo_type=repo_type, local_files_only=True)
     except Exception:
         raise AlolError(f"{name!r} is not a local folder, not in the Hugging Face cache, and the hub ({host}) "
                         f"cannot be reached ({why}). Download it where the hub is reachable, or pass a local "
