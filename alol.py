@@ -70,14 +70,14 @@ class Args:
     test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
     data_dir: str = opt("data/reddit", "reddit: folder with Kaggle's comments_positive.csv and comments_negative.csv")
     reddit_train: str = opt("pos", "reddit: train on the upvoted (pos) or the downvoted (neg) replies")
-    hh_dataset: str = opt("Anthropic/hh-rlhf", "hh: Hugging Face dataset id, or a folder of its layout (one folder per "
-                          "subset with train.jsonl.gz and test.jsonl.gz)")
-    hh_train: str = opt("chosen", "hh: offline responses: `chosen` (the paper's) or `both` chosen and rejected")
     n_train: int = opt(8000, "training examples: toy generates this many; reddit keeps at most this many (0 = all)")
     n_val: int = opt(600, "validation examples (value-head prompts); reddit: per CSV file")
     n_test: int = opt(400, "test examples (toy: prompts unseen in training); reddit: per CSV file")
     max_prompt_len: int = opt(24, "prompt tokens kept (left-truncated: the end of the prompt matters most)")
     max_response_len: int = opt(32, "response tokens kept incl. the final EOS (right-truncated)")
+    hh_dataset: str = opt("Anthropic/hh-rlhf", "hh: Hugging Face dataset id, or a folder of its layout (<subset>/"
+                          "train.jsonl.gz, test.jsonl.gz); n_val are held out of train, n_test taken per test subset")
+    hh_train: str = opt("chosen", "hh: offline replies: `chosen` (the paper's) or `both`, chosen and rejected pooled")
     # rewards
     reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
     fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response")
@@ -682,7 +682,7 @@ def main(args: Args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 10. Task recipes: the embedded toy task, the paper's Reddit task, your own JSONL
+# 10. Task recipes: the embedded toy task, the paper's Reddit and HH tasks, your own JSONL
 # ---------------------------------------------------------------------------------------------------------------
 EOS = "<|endoftext|>"  # GPT-2's end of text: ends every response (a trained token) and DialoGPT's dialogue turns
 # The embedded task `toy`: Reddit-like questions with one offline reply each, drawn from a noisy mixture of good,
