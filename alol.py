@@ -1021,10 +1021,12 @@ def hh_splits(args: Args) -> dict:
     for subset in HH_SUBSETS:
         try:
             data = datasets.load_dataset(source, data_dir=subset)
+            rows, test = data["train"].to_list(), [row["chosen"] for row in data["test"]]
         except Exception as e:  # a partial download or a folder of another layout
-            raise AlolError(f"--hh-dataset {args.hh_dataset}: cannot load {subset} ({type(e).__name__}: {e})") from None
-        pool += data["train"].to_list()
-        test = random.Random(HH_SPLIT_SEED).sample([row["chosen"] for row in data["test"]], len(data["test"]))
+            raise AlolError(f"--hh-dataset {args.hh_dataset}: cannot load the train and test splits of {subset} "
+                            f"({type(e).__name__}: {e})") from None
+        pool += rows
+        test = random.Random(HH_SPLIT_SEED).sample(test, len(test))
         parts[f"test-{subset}"] = list(filter(None, map(hh_record, test)))[:args.n_test]
     random.Random(HH_SPLIT_SEED).shuffle(pool)
     val, train = pool[:args.n_val], pool[args.n_val:][:args.n_train or None]

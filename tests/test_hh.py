@@ -26,7 +26,7 @@ def conversations(subset, split, n):
         ask = f"{history}\n\nHuman: {split} {i}: how do I help with {subset}?"
         rows.append({"chosen": f"{ask}\n\nAssistant: Kindly, step by step {i}.",
                      "rejected": f"{ask}\n\nAssistant: " + ("" if i == 1 else f"No way {i}.")})
-    rows.append({"chosen": "\n\nHuman: a question left unanswered", "rejected": "\n\nHuman: a question left unanswered"})
+    rows.append({"chosen": "\n\nHuman: left unanswered", "rejected": "\n\nHuman: left unanswered"})
     return rows
 
 
@@ -69,8 +69,10 @@ def hh_args(hh, tmp_path, *extra):
 
 def test_hh_preset_is_the_papers_lengths_and_optimiser():
     args = alol.parse_args(["--task", "hh"])
-    assert (args.max_prompt_len, args.max_response_len, args.eval_max_new_tokens, args.eval_num_beams) == (640, 128, 128, 1)
-    assert (args.batch_size * args.grad_accum, args.max_grad_norm, args.weight_decay, args.value_epochs) == (16, 0.3, 0.0, 10)
+    lengths = (args.max_prompt_len, args.max_response_len, args.eval_max_new_tokens, args.eval_num_beams)
+    assert lengths == (640, 128, 128, 1)
+    optimiser = (args.batch_size * args.grad_accum, args.max_grad_norm, args.weight_decay, args.value_epochs)
+    assert optimiser == (16, 0.3, 0.0, 10)
     assert (args.model, args.hh_train, args.hh_reward_model) == (
         "Qwen/Qwen2.5-0.5B", "chosen", "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
     assert alol.parse_args(["--task", "hh", "--lr", "3e-5"]).lr == 3e-5
@@ -83,7 +85,8 @@ def test_hh_preset_is_the_papers_lengths_and_optimiser():
      SYSTEM + "### Human: Where  is Paris? ### Assistant:", "It is in France."),
     ("\n\nHuman: \n\nAssistant: ok\n\nHuman: so?\n\nAssistant: yes",
      SYSTEM + "### Human:  ### Assistant: ok ### Human: so? ### Assistant:", "yes"),
-    ("\n\nHuman: one\n\nHuman: two\n\nAssistant: three", SYSTEM + "### Human: one ### Human: two ### Assistant:", "three"),
+    ("\n\nHuman: one\n\nHuman: two\n\nAssistant: three", SYSTEM + "### Human: one ### Human: two ### Assistant:",
+     "three"),
 ], ids=["multi-turn", "whitespace", "empty-turn", "two-human-turns"])
 def test_transcript_to_prompt_and_response(transcript, prompt, response):
     assert alol.hh_record(transcript) == {"prompt": prompt, "response": response}
@@ -150,7 +153,7 @@ def test_any_one_logit_classifier_reads_conversation_and_reply(hh, tmp_path):
         reward_fn(prompts, ["a", "b"])
 
 
-def test_no_hub_and_no_cache_names_the_dataset_within_seconds(tmp_path, monkeypatch):
+def test_no_hub_and_no_cache_names_the_dataset_within_seconds_and_bad_data_is_one_line(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
@@ -162,6 +165,14 @@ def test_no_hub_and_no_cache_names_the_dataset_within_seconds(tmp_path, monkeypa
     assert time.time() - start < 10 and not (tmp_path / "run").exists()
     with pytest.raises(alol.AlolError, match="--hh-train must be one of chosen, both"):
         alol.main(alol.parse_args(["--task", "hh", "--hh-train", "rejected"]))
+    (tmp_path / "partial" / "harmless-base").mkdir(parents=True)  # one subset of four downloaded
+    with gzip.open(tmp_path / "partial" / "harmless-base" / "train.jsonl.gz", "wt") as f:
+        f.write(json.dumps(conversations("harmless-base", "train", 1)[0]) + "\n")
+    with pytest.raises(alol.AlolError, match=r"--hh-dataset .*partial: cannot load the train and test splits of "
+                                             r"harmless-base \(KeyError: 'test'\)"):
+        alol.main(alol.parse_args(["--task", "hh", "--hh-dataset", str(tmp_path / "partial"), "--cache-dir",
+                                   str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run")]))
+    assert not (tmp_path / "run").exists()
 
 
 def test_hh_end_to_end(hh, tmp_path, monkeypatch):
