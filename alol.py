@@ -878,10 +878,6 @@ def classifier_scores(path: str, texts: list, args: Args, label=None, pairs=None
 class NeoXRewardConfig(transformers.GPTNeoXConfig):
     model_type = "gpt_neox_reward_model"  # what OpenAssistant's reward checkpoints declare in their config.json
 
-    def __init__(self, pooling="last", **kwargs):
-        super().__init__(**kwargs)
-        self.pooling, self.num_labels = pooling, 1  # one reward logit, whatever label names the checkpoint saved
-
 
 class NeoXRewardModel(transformers.GPTNeoXPreTrainedModel):
     """OpenAssistant's reward models (oasst-rm-*-pythia-*, the paper's HH rewards), which no transformers class loads:
@@ -891,15 +887,15 @@ class NeoXRewardModel(transformers.GPTNeoXPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        config.num_labels = 1  # one reward logit, whatever label names the checkpoint saved
         self.gpt_neox, self.out_proj = transformers.GPTNeoXModel(config), nn.Linear(config.hidden_size, 1)
         self.post_init()
 
     def forward(self, input_ids, attention_mask, **kwargs):
         hidden = self.gpt_neox(input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        last = attention_mask.cumsum(1).argmax(1)  # (B,) the last real token, on either padding side
-        mask = attention_mask[..., None].to(hidden.dtype)
-        pooled = (hidden[torch.arange(len(hidden), device=hidden.device), last] if self.config.pooling == "last"
-                  else (hidden * mask).sum(1) / mask.sum(1))  # (B, H)
+        rows, mask = torch.arange(len(hidden), device=hidden.device), attention_mask[..., None].to(hidden.dtype)
+        last = hidden[rows, attention_mask.cumsum(1).argmax(1)]  # (B, H): the last real token, on either padding side
+        pooled = last if getattr(self.config, "pooling", "last") == "last" else (hidden * mask).sum(1) / mask.sum(1)
         return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.out_proj(pooled))  # (B, 1)
 
 
