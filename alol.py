@@ -83,12 +83,17 @@ class Args:
     n_test: int = opt(400, "test examples (toy: prompts unseen in training); reddit: per CSV file")
     max_prompt_len: int = opt(24, "prompt tokens kept (left-truncated: the end of the prompt matters most)")
     max_response_len: int = opt(32, "response tokens kept incl. the final EOS (right-truncated)")
+    hh_dataset: str = opt("Anthropic/hh-rlhf", "hh: Hugging Face dataset id, or a folder of its layout (<subset>/"
+                          "train.jsonl.gz, test.jsonl.gz); n_val are held out of train, n_test taken per test subset")
+    hh_train: str = opt("chosen", "hh: offline replies: `chosen` (the paper's) or `both`, chosen and rejected pooled")
     # rewards
     reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
     fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response")
     safety_model: str = opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the reply")
     depth_model: str = opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) of parent+reply")
     updown_model: str = opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) of parent+reply")
+    hh_reward_model: str = opt("OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "hh: sigmoid of this reward model "
+                               "(the paper's for train and validation; or any one-logit sequence classifier)")
     # reference policy
     model: str = opt("", "Hugging Face id or path of the initial policy; empty = the task's own tiny GPT-2")
     ref_model: str = opt("", "path of a trained reference policy; skips the NLL reference stage")
@@ -132,6 +137,13 @@ TASK_PRESETS = {
                    max_response_len=128, ref_epochs=6, ref_lr=2e-5, epochs=3, lr=2e-5, batch_size=8, grad_accum=2,
                    value_samples=2, value_epochs=5, value_lr=2e-5, save_every=1000, eval_every=0.5,
                    eval_max_new_tokens=128, eval_num_beams=2, eval_repetition_penalty=2.5, eval_batch_size=32),
+    # The paper's HH settings (lolrl_qlora_llama_hh.py): prompts 640 tokens, responses 128, batch 4 x 4, grad-norm 0.3,
+    # no weight decay, value head 10 epochs at lr 1e-5, greedy test decode of 128 tokens, kl_beta 0.2 (its README).
+    # The policy is Qwen2.5-0.5B trained in full (LLaMA-7B with QLoRA in the paper): README, "--task hh".
+    "hh": dict(model="Qwen/Qwen2.5-0.5B", n_train=0, n_val=1000, n_test=500, max_prompt_len=640, max_response_len=128,
+               ref_epochs=1, ref_lr=1e-5, epochs=1, lr=1e-5, batch_size=4, grad_accum=4, weight_decay=0.0,
+               max_grad_norm=0.3, kl_beta=0.2, value_samples=2, value_epochs=10, value_lr=1e-5, save_every=1000,
+               eval_max_new_tokens=128, eval_batch_size=32),
 }
 ALGOS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 REWARD_MODELS = ("fluency_model", "safety_model", "depth_model", "updown_model")
@@ -149,7 +161,8 @@ def parse_args(argv=None) -> Args:
         return None if s.lower() == "none" else float(s)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    choices = {"task": list(TASK_PRESETS), "kernel": ["auto", "torch", "triton"], "reddit_train": ["pos", "neg"]}
+    choices = {"task": list(TASK_PRESETS), "kernel": ["auto", "torch", "triton"], "reddit_train": ["pos", "neg"],
+               "hh_train": ["chosen", "both"]}
     group = p
     for f in fields(Args):
         group = p.add_argument_group(ARG_GROUPS[f.name]) if f.name in ARG_GROUPS else group
@@ -648,6 +661,14 @@ def text_metrics(responses: list, scores: dict) -> dict:
             "length": sum(map(len, words)) / max(len(words), 1)}
 
 
+def subset_metrics(records: list, responses: list, scores: dict) -> dict:
+    """{"subsets": {name: text_metrics}} over the records' `subset` labels (HH's four test sets), or {} without them."""
+    names = dict.fromkeys(r["subset"] for r in records if "subset" in r)
+    rows = {name: [i for i, r in enumerate(records) if r.get("subset") == name] for name in names}
+    return {"subsets": {name: text_metrics([responses[i] for i in idx], {k: v[idx] for k, v in scores.items()})
+                        for name, idx in rows.items()}} if rows else {}
+
+
 def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str) -> dict:
     """Sampled and deterministic generations on the test prompts; every generation is kept in generations.jsonl."""
     metrics_path = os.path.join(run_dir, "metrics.json")
@@ -659,7 +680,8 @@ def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str
     both = score(reward_fn, prompts * 2, sampled + greedy)  # one call: reward models load once
     scores, greedy_reward = {k: v[:len(prompts)] for k, v in both.items()}, both["reward"][len(prompts):]
     metrics = text_metrics(sampled, scores)
-    metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics}
+    metrics = {"reward_sampled": metrics.pop("reward"), "reward_greedy": greedy_reward.mean().item(), **metrics,
+               **subset_metrics(test_records, greedy, {k: v[len(prompts):] for k, v in both.items()})}  # as HH's table
     os.makedirs(run_dir, exist_ok=True)
     write_atomic(os.path.join(run_dir, "generations.jsonl"), "".join(
         json.dumps({"prompt": p, "sampled": s, "greedy": g, "reward_sampled": r, "reward_greedy": rg}) + "\n"
@@ -701,7 +723,8 @@ def main(args: Args) -> dict:
     data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
     data_scores["reward"] = sum(data_scores.values())
     results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
-               "data": text_metrics([r["response"] for r in test], data_scores),
+               "data": {**text_metrics([r["response"] for r in test], data_scores),
+                        **subset_metrics(test, [r["response"] for r in test], data_scores)},
                "reference": {**evaluate(ref, tok, test, reward_fn, args, ref_dir),
                              "selected": None if args.ref_model else ref_selected}}
     print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
@@ -743,7 +766,7 @@ def main(args: Args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 10. Task recipes: the embedded toy task, the paper's Reddit task, your own JSONL
+# 10. Task recipes: the embedded toy task, the paper's Reddit and HH tasks, your own JSONL
 # ---------------------------------------------------------------------------------------------------------------
 EOS = "<|endoftext|>"  # GPT-2's end of text: ends every response (a trained token) and DialoGPT's dialogue turns
 # The embedded task `toy`: Reddit-like questions with one offline reply each, drawn from a noisy mixture of good,
@@ -849,7 +872,10 @@ def tiny_gpt2(tok, args: Args):
 # The paper's Reddit task: replies to Reddit comments from Kaggle's "Reddit comment scores", one file of upvoted and
 # one of downvoted replies; the parent comment is the prompt (official preprocess_reddit_comment_scores_...py).
 REDDIT_FILES = {"pos": "comments_positive.csv", "neg": "comments_negative.csv"}
-URL = re.compile(r"https?://\S+|www\.\S+")
+# The official url_regex (utils/utils.py): a scheme is required, so a bare www.… stays, and the trailing ")" or
+# quote of "(see http://…)" is kept.
+URL = re.compile(r"https?:\/\/(www\.)?[-a-zA-Z0-9@:%._\+~#=]{1,256}\.[a-zA-Z0-9()]{1,6}\b"
+                 r"([-a-zA-Z0-9@:;%_\\\+.~#?&//=]*)")
 CLASSIFIER_MAX_TOKENS = 512  # RoBERTa's position limit; DialogRPT (GPT-2) reads the same cut of parent + reply
 
 
@@ -905,26 +931,60 @@ def not_offensive_label(config) -> int:
 
 
 @torch.no_grad()
-def classifier_scores(path: str, texts: list, args: Args, label=None) -> torch.Tensor:
-    """P(label) under a sequence classifier, or the sigmoid of its single logit (DialogRPT). Loaded for this call
-    and freed after it, so reward models never share the GPU with the policy's training; fp16 on CUDA."""
+def classifier_scores(path: str, texts: list, args: Args, label=None, pairs=None, max_tokens=CLASSIFIER_MAX_TOKENS):
+    """P(label) under a sequence classifier, or the sigmoid of a reward model's one logit (DialogRPT, HH's), for
+    each text or (text, pair) such as (question, answer). Inputs longer than max_tokens lose their start: the reply
+    being scored is at the end. Loaded for this call and freed after it, so reward models never share the GPU with
+    the policy's training; fp16 on CUDA."""
     tok = load_tokenizer(path)
+    tok.padding_side, tok.truncation_side = "right", "left"  # right padding: the positions 0..n-1 of training
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     model = from_pretrained(transformers.AutoModelForSequenceClassification, path, dtype=dtype).to(args.device).eval()
     model.config.pad_token_id = tok.pad_token_id  # GPT-2 classifiers take the last token before the padding
+    if model.config.num_labels > 1 and label is None:  # a reward model, which has one logit, was expected
+        raise AlolError(f"{path}: expected a reward model with one logit, got {model.config.num_labels} classes")
     index = None if model.config.num_labels == 1 else label(model.config)
     texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
+    pairs = pairs and [t or tok.eos_token for t in pairs]
     out = []
     for i in tqdm(range(0, len(texts), args.eval_batch_size), desc=f"reward {os.path.basename(path)}", leave=False,
                   disable=None):
-        enc = tok(texts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True,
-                  max_length=CLASSIFIER_MAX_TOKENS)
+        enc = tok(texts[i:i + args.eval_batch_size], pairs and pairs[i:i + args.eval_batch_size], return_tensors="pt",
+                  padding=True, truncation=True, max_length=min(max_tokens, tok.model_max_length))
         logits = model(**enc.to(args.device)).logits.float()  # (b, classes)
         out.append(torch.sigmoid(logits[:, 0]) if index is None else logits.softmax(-1)[:, index])
     del model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return torch.cat(out).cpu()
+
+
+class NeoXRewardConfig(transformers.GPTNeoXConfig):
+    model_type = "gpt_neox_reward_model"  # what OpenAssistant's reward checkpoints declare in their config.json
+
+
+class NeoXRewardModel(transformers.GPTNeoXPreTrainedModel):
+    """OpenAssistant's reward models (oasst-rm-*-pythia-*, the paper's HH rewards), which no transformers class loads:
+    a GPT-NeoX body, then a linear `out_proj` to one logit on the last real token's hidden state (pooling "last") or
+    on their mean ("mean"). Registered below: AutoModelForSequenceClassification, hence classifier_scores, loads it."""
+    config_class = NeoXRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        config.num_labels = 1  # one reward logit, whatever label names the checkpoint saved
+        self.gpt_neox, self.out_proj = transformers.GPTNeoXModel(config), nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        hidden = self.gpt_neox(input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        rows, mask = torch.arange(len(hidden), device=hidden.device), attention_mask[..., None].to(hidden.dtype)
+        last = hidden[rows, attention_mask.cumsum(1).argmax(1)]  # (B, H): the last real token, on either padding side
+        pooled = last if getattr(self.config, "pooling", "last") == "last" else (hidden * mask).sum(1) / mask.sum(1)
+        return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.out_proj(pooled))  # (B, 1)
+
+
+transformers.AutoConfig.register(NeoXRewardConfig.model_type, NeoXRewardConfig, exist_ok=True)
+transformers.AutoModelForSequenceClassification.register(NeoXRewardConfig, NeoXRewardModel, exist_ok=True)
 
 
 def reddit_reward(args: Args, references: list):
@@ -945,9 +1005,8 @@ def reddit_reward(args: Args, references: list):
 
 
 def reddit_build(args: Args, reward_fn=None):
-    """The Reddit splits with their rewards, and the reward function. Scored once and cached as JSONL in this
-    project's schema next to the data, under a key of the CSVs, the tokenizer, the sizes and the reward models;
-    the next run reads them back (and they work as --train-file, --val-file, --test-file)."""
+    """The Reddit splits with their rewards, and the reward function, cached next to the data under a key of the CSVs,
+    the tokenizer, the sizes and the reward models."""
     paths = [os.path.join(args.data_dir, name) for name in REDDIT_FILES.values()]
     if not all(map(os.path.isfile, paths)):
         raise AlolError(f"--data-dir {args.data_dir} must hold {' and '.join(REDDIT_FILES.values())}: download "
@@ -956,26 +1015,122 @@ def reddit_build(args: Args, reward_fn=None):
                         f"{os.path.abspath(args.data_dir)}")
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_val", "n_test", "reward_fn", *REWARD_MODELS)}
     csv_stamps = {"csv": [[os.path.getsize(p), os.path.getmtime(p)] for p in paths]}
-    cache = os.path.join(args.data_dir, "alol-" + fingerprint(settings, csv_stamps))
-    files = {name: os.path.join(cache, f"{name}.jsonl") for name in ("train_pos", "train_neg", "val", "test")}
-    try:  # checksums.json, written last, holds each file's sha256: a truncated or altered cache is made again
+    parts, reward_fn = scored_splits(
+        os.path.join(args.data_dir, "alol-" + fingerprint(settings, csv_stamps)), ("train_pos", "train_neg", "val", "test"),
+        lambda: reddit_splits(args, load_tokenizer(args.model)),
+        lambda parts: reward_fn or reddit_reward(args, [r["response"] for name in ("train_pos", "train_neg")
+                                                        for r in parts[name]]))
+    return {"train": parts[f"train_{args.reddit_train}"], "val": parts["val"], "test": parts["test"]}, reward_fn
+
+
+def scored_splits(cache: str, names: tuple, build, make_reward):
+    """The splits `names` (from build()) and the reward function (make_reward(splits)); the splits are scored once
+    and cached as JSONL in this project's schema in the folder `cache`, and the next run reads them back (they work
+    as --train-file, --val-file, --test-file). checksums.json, written last, holds each file's sha256: a truncated
+    or altered cache is made again."""
+    files = {name: os.path.join(cache, f"{name}.jsonl") for name in names}
+    try:
         cached = json.load(open(os.path.join(cache, "checksums.json"))) == {n: file_sha256(f) for n, f in files.items()}
     except (OSError, ValueError):
         cached = False
     if os.path.isdir(cache) and not cached:
-        print(f"warning: the Reddit cache {cache} is incomplete or altered: preprocessing and scoring again")
-    parts = {n: load_jsonl(f, "cached data") for n, f in files.items()} if cached else \
-        reddit_splits(args, load_tokenizer(args.model))
-    reward_fn = reward_fn or reddit_reward(args, [r["response"] for r in parts["train_pos"] + parts["train_neg"]])
+        print(f"warning: the data cache {cache} is incomplete or altered: preparing and scoring it again")
+    parts = {name: load_jsonl(path, "cached data") for name, path in files.items()} if cached else build()
+    reward_fn = make_reward(parts)
     if not cached:
         add_rewards(parts, reward_fn)
         os.makedirs(cache, exist_ok=True)
         for name, path in files.items():
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in parts[name]))
         write_atomic(os.path.join(cache, "checksums.json"), json.dumps({n: file_sha256(f) for n, f in files.items()}))
-    print(f"Reddit data {'read from' if cached else 'preprocessed, scored and cached in'} {cache}: "
-          + ", ".join(f"{name} {len(parts[name])}" for name in files))
-    return {"train": parts[f"train_{args.reddit_train}"], "val": parts["val"], "test": parts["test"]}, reward_fn
+    print(f"data {'read from' if cached else 'prepared, scored and cached in'} {cache}: "
+          + ", ".join(f"{name} {len(parts[name])}" for name in names))
+    return parts, reward_fn
+
+
+# The paper's HH task: Anthropic's Helpful and Harmless dialogues (Anthropic/hh-rlhf; one folder per subset, each with
+# a train and a test split of `chosen` and `rejected` transcripts that differ in the last assistant turn). The prompt
+# is every turn before that one, in the official template (lolrl_qlora_llama_hh.py); the reply is the response.
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")  # the paper's test sets
+HH_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions.\n")
+HH_TRAIN = {"chosen": ("chosen",), "both": ("chosen", "rejected")}  # the paper's good_priority; official all_priority
+HH_ROLE_TOKENS = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}  # OpenAssistant's, for its reward models
+HH_REWARD_MAX_TOKENS = 1024  # the official reward input length (left-truncated)
+HH_SPLIT_SEED = 901  # not --seed: every run splits the same way, so the scored cache is shared
+
+
+def hh_record(transcript: str):
+    """{"prompt", "response"} of a "\\n\\nHuman: ... \\n\\nAssistant: ..." transcript, or None when it does not end in a
+    non-empty assistant turn. Turns are stripped; text before the first turn is dropped."""
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", transcript)[1:]  # role, text, role, text, ...
+    turns = [(role, text.strip()) for role, text in zip(parts[::2], parts[1::2])]
+    if not turns or turns[-1][0] != "Assistant" or not turns[-1][1]:
+        return None
+    prompt = "".join(f" ### {role}: {text}" for role, text in turns[:-1]) + " ### Assistant: "
+    return {"prompt": HH_SYSTEM + prompt.strip(), "response": turns[-1][1]}
+
+
+def hh_chat(prompt: str, response: str) -> str:
+    """A prompt in the template and its reply as OpenAssistant's reward models read a chat (official metrics_hh.py):
+    role token, text and EOS for every turn."""
+    parts = re.split(r" ?### (Human|Assistant): ?", prompt.removeprefix(HH_SYSTEM))[1:]
+    turns = list(zip(parts[::2], parts[1::2]))[:-1] + [("Assistant", response)]  # the prompt's last turn is empty
+    return "".join(HH_ROLE_TOKENS[role] + text + EOS for role, text in turns)
+
+
+def hh_reward(args: Args):
+    """sigmoid(reward model) in [0, 1], as the official code. OpenAssistant's Pythia models (NeoXRewardModel) read the
+    whole chat as one text; any other classifier reads (conversation, reply), as OpenAssistant's DeBERTa model does."""
+    path = hub_path(args.hh_reward_model)  # an unreachable hub fails here, at once
+    chat = from_pretrained(transformers.AutoConfig, path).model_type == NeoXRewardConfig.model_type
+
+    def reward_fn(prompts, responses):
+        if chat:
+            texts, pairs = [hh_chat(p, r) for p, r in zip(prompts, responses)], None
+        else:
+            texts, pairs = [p.removeprefix(HH_SYSTEM) for p in prompts], responses
+        return {"preference": classifier_scores(path, texts, args, None, pairs, HH_REWARD_MAX_TOKENS)}
+
+    return reward_fn
+
+
+def hh_splits(args: Args) -> dict:
+    """The train conversations of the four subsets pooled and shuffled: val = the first n_val, train = the rest (at
+    most n_train if set), both chosen and rejected; test = the first n_test chosen of each subset's shuffled test
+    split. Transcripts without a final assistant reply are dropped."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    source, pool, parts = hub_path(args.hh_dataset, "dataset"), [], {}
+    for subset in HH_SUBSETS:
+        try:
+            data = datasets.load_dataset(source, data_dir=subset)
+            rows, test = data["train"].to_list(), [row["chosen"] for row in data["test"]]
+        except Exception as e:  # a partial download or a folder of another layout
+            raise AlolError(f"--hh-dataset {args.hh_dataset}: cannot load the train and test splits of {subset} "
+                            f"({type(e).__name__}: {e})") from None
+        pool += rows
+        test = random.Random(HH_SPLIT_SEED).sample(test, len(test))
+        parts[f"test-{subset}"] = list(filter(None, map(hh_record, test)))[:args.n_test]
+    random.Random(HH_SPLIT_SEED).shuffle(pool)
+    val, train = pool[:args.n_val], pool[args.n_val:][:args.n_train or None]
+    return {"train_chosen": list(filter(None, (hh_record(row["chosen"]) for row in train))),
+            "train_rejected": list(filter(None, (hh_record(row["rejected"]) for row in train))),
+            "val": list(filter(None, (hh_record(row["chosen"]) for row in val))), **parts}
+
+
+def hh_build(args: Args, reward_fn=None):
+    """The HH splits with their rewards (test records labelled with their subset), and the reward function; cached in
+    --cache-dir under a key of the dataset, the sizes and the reward model."""
+    settings = {k: vars(args)[k] for k in ("hh_dataset", "hh_reward_model", "n_train", "n_val", "n_test", "reward_fn")}
+    local = sorted(os.path.join(d, f) for d, _, names in os.walk(args.hh_dataset) for f in names)  # [] for a hub id
+    files = {"local": [[os.path.relpath(p, args.hh_dataset), os.path.getsize(p), os.path.getmtime(p)] for p in local]}
+    names = ("train_chosen", "train_rejected", "val", *(f"test-{subset}" for subset in HH_SUBSETS))
+    parts, reward_fn = scored_splits(os.path.join(args.cache_dir, "hh-" + fingerprint(settings, files)), names,
+                                     lambda: hh_splits(args), lambda parts: reward_fn or hh_reward(args))
+    return {"train": [r for kind in HH_TRAIN[args.hh_train] for r in parts[f"train_{kind}"]], "val": parts["val"],
+            "test": [{**r, "subset": subset} for subset in HH_SUBSETS for r in parts[f"test-{subset}"]]}, reward_fn
 
 
 def load_jsonl(path: str, flag: str) -> list:
@@ -1032,7 +1187,8 @@ class Task:
     reward: object  # (args, training responses) -> reward_fn, for --train-file data
 
 
-TASKS = {"toy": Task(toy_build, lambda args, references: toy_reward), "reddit": Task(reddit_build, reddit_reward)}
+TASKS = {"toy": Task(toy_build, lambda args, references: toy_reward), "reddit": Task(reddit_build, reddit_reward),
+         "hh": Task(hh_build, lambda args, references: hh_reward(args))}
 
 
 def load_task(args: Args):
@@ -1095,7 +1251,7 @@ def hub_unreachable(host: str) -> str:
         return str(e)
 
 
-def hub_path(name: str) -> str:
+def hub_path(name: str, repo_type: str = "model") -> str:
     """A local folder; a Hugging Face id when the hub answers (from_pretrained then fetches what the cache lacks);
     else the id's folder in the cache. Anything else fails within seconds with a message."""
     if os.path.isdir(name):
@@ -1109,7 +1265,7 @@ def hub_path(name: str) -> str:
     if not why:
         return name
     try:
-        return huggingface_hub.snapshot_download(name, local_files_only=True)
+        return huggingface_hub.snapshot_download(name, repo_type=repo_type, local_files_only=True)
     except Exception:
         raise AlolError(f"{name!r} is not a local folder, not in the Hugging Face cache, and the hub ({host}) "
                         f"cannot be reached ({why}). Download it where the hub is reachable, or pass a local "
@@ -1306,6 +1462,13 @@ def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:
         cells = [m["reward_sampled"], m.get("reward_greedy"), *(m["components"].get(c) for c in comps), m["distinct_1"],
                  m["distinct_2"], m["length"]]
         lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    subsets = [(name, subset, s) for name, m in rows.items() for subset, s in m.get("subsets", {}).items()]
+    if subsets:  # the paper's HH table
+        keys = ("reward", "distinct_1", "distinct_2", "distinct_3", "length")
+        lines += ["", "Per test subset: the offline responses (data) and each model's deterministic decode.", "",
+                  "|  | subset | reward | distinct-1 | distinct-2 | distinct-3 | length |", "|" + "---|" * 7]
+        lines += [f"| {name} | {subset} | " + " | ".join(f"{s[k]:.3f}" for k in keys) + " |"
+                  for name, subset, s in subsets]
     table = "\n".join(lines)
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     write_atomic(os.path.join(out_dir, "results.md"), f"# A-LoL results: task {results['task']}, seed {results['seed']}"

@@ -97,6 +97,23 @@ def test_preprocessing_filters_and_splits(reddit, tmp_path):
     assert len(capped["train_pos"]) == 5 and capped["test"] == splits["test"]
 
 
+def test_urls_replaced_as_the_official_url_regex(reddit, tmp_path):
+    """The official url_regex: the ")" or quote after a link stays, a bare www. address is not a URL, and the
+    trailing "." of a sentence is taken as part of the link (as the official code does)."""
+    cases = {"(see http://foo.com/bar)": "(see <URL>)", '"http://q.com/x" he said': '"<URL>" he said',
+             "try www.google.com": "try www.google.com", "see   https://example.com/x for more": "see <URL> for more",
+             "read http://x.org/y?q=1&z=2. ok": "read <URL> ok"}
+    data = tmp_path / "urls"
+    data.mkdir()
+    for name in alol.REDDIT_FILES.values():
+        frame = pd.DataFrame([{c: "x" for c in COLUMNS} | {"parent_text": f"parent {i}", "text": text}
+                              for i, text in enumerate(cases)])
+        frame.to_csv(data / name, index=False)
+    args = reddit_args(reddit, tmp_path, "--data-dir", str(data), "--n-test", "5", "--n-val", "1")
+    got = {r["prompt"]: r["response"] for r in alol.reddit_splits(args, reddit["tok"])["test"]}
+    assert got == {f"parent {i}{alol.EOS}": expected for i, expected in enumerate(cases.values())}
+
+
 def test_tfidf_reward_by_hand():
     """idf = ln((1 + n) / (1 + df)) + 1; tf-idf rows L2-normalised; reward = mean of the k non-zeros * (k/10 if k < 5)."""
     diversity = alol.tfidf_reward(["the cat sat", "the dog sat", "a cat ran"])  # 'a' is not a token (2+ chars)
@@ -188,5 +205,5 @@ def test_reddit_end_to_end(reddit, tmp_path, monkeypatch, capsys):
     with open(os.path.join(cached, "val.jsonl"), "a") as f:  # an altered cache file is never used
         f.write(json.dumps({"prompt": "x", "response": "y", "rewards": splits["val"][0]["rewards"]}) + "\n")
     again, _ = alol.reddit_build(reddit_args(reddit, tmp_path))
-    assert "is incomplete or altered: preprocessing and scoring again" in capsys.readouterr().out
+    assert "is incomplete or altered: preparing and scoring it again" in capsys.readouterr().out
     assert [r["prompt"] for r in again["val"]] == [r["prompt"] for r in splits["val"]]
