@@ -13,6 +13,7 @@ plumbing (11) that any section may call.
     python alol.py --help           # every setting, grouped
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -39,6 +40,7 @@ import urllib.parse
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
@@ -114,6 +116,13 @@ class Args:
     kl_beta: float = opt(0.1, "beta of a_lol_kl")
     priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (the official -ts option)")
     save_every: int = opt(100, "optimiser steps between checkpoints (always saved at the end)")
+    # bigger models
+    lora_r: int = opt(0, "LoRA rank (peft): train adapters on a frozen base instead of every weight; 0 = full training")
+    lora_alpha: float = opt(16.0, "LoRA scale alpha (the update is alpha/r * B A)")
+    lora_dropout: float = opt(0.0, "LoRA dropout; keep 0: dropout would make the ratio pi/pi_ref differ from 1 at step 0")
+    lora_targets: str = opt("all-linear", "modules that get adapters (peft's target_modules; a comma list of names, or "
+                            "all-linear: every linear layer but the output layer)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, ~30% slower")
     # evaluation
     eval_every: float = opt(0.0, "validation reward (deterministic decode) every N optimiser steps, keeping the best "
                             "checkpoint for the final evaluation; a value below 1 is a share of an epoch; 0 = off")
@@ -125,7 +134,8 @@ class Args:
 
 
 ARG_GROUPS = {"task": "run", "train_file": "data", "reward_fn": "rewards", "model": "reference policy",
-              "value_samples": "value estimate", "epochs": "A-LoL training", "eval_max_new_tokens": "evaluation"}
+              "value_samples": "value estimate", "epochs": "A-LoL training", "lora_r": "bigger models",
+              "eval_every": "evaluation"}
 # Task presets override Args defaults. The defaults above are the toy's: sizes measured so that `python alol.py`
 # takes under 2 minutes on 2 CPU cores (README).
 TASK_PRESETS = {
@@ -185,8 +195,8 @@ def parse_args(argv=None) -> Args:
         p.error("--algo names each method once, or is `all` alone")
     if args.clip_eps is not None and not (math.isfinite(args.clip_eps) and args.clip_eps > 0):
         p.error("--clip-eps must be a finite number > 0, or `none` for no clipping")
-    positive, non_negative = ("lr", "ref_lr", "value_lr", "max_grad_norm", "eval_repetition_penalty"), ("weight_decay",
-                                                                                                    "kl_beta")
+    positive = ("lr", "ref_lr", "value_lr", "max_grad_norm", "eval_repetition_penalty", "lora_alpha")
+    non_negative = ("weight_decay", "kl_beta", "lora_dropout", "lora_r")
     for k in positive + non_negative:  # a negative clip norm or decay silently ascends the loss; NaN spreads
         value = getattr(args, k)
         if not math.isfinite(value) or value < 0 or (value == 0 and k in positive):
@@ -214,21 +224,29 @@ def parse_args(argv=None) -> Args:
 # 2. Data: records {prompt, response, rewards: {component: float}}, their rewards and their token layout
 # ---------------------------------------------------------------------------------------------------------------
 def score(reward_fn, prompts: list, responses: list) -> dict:
-    """reward_fn(prompts, responses) -> {component: tensor in [0, 1]}, checked, plus their sum R under `reward`."""
-    name, n = getattr(reward_fn, "__qualname__", repr(reward_fn)), len(prompts)
-    try:
-        out = reward_fn(prompts, responses)
-        components = {k: torch.as_tensor(v, dtype=torch.float).cpu() for k, v in out.items()} if isinstance(out, dict) else {}
-    except AlolError:
-        raise
-    except Exception as e:
-        raise AlolError(f"reward function {name} failed on {n} examples: {type(e).__name__}: {e}") from None
-    if not components or not all(isinstance(k, str) for k in components):
-        raise AlolError(f"reward function {name} returned {str(out)[:80]}; expected {{name: {n} values in [0, 1]}}")
-    for k, v in components.items():
-        if v.shape != (n,) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
-            raise AlolError(f"reward function {name}: component {k!r} must be {n} finite values in [0, 1], got "
-                            f"{str(v.tolist())[:80]}")
+    """reward_fn(prompts, responses) -> {component: tensor in [0, 1]}, checked, plus their sum R under `reward`.
+    One call (reward models load once), or one per process under torchrun, each on its share of the examples."""
+    name = getattr(reward_fn, "__qualname__", repr(reward_fn))
+
+    def call(pairs, position):
+        n = len(pairs)
+        try:
+            out = reward_fn([p for p, _ in pairs], [r for _, r in pairs])
+            components = {k: torch.as_tensor(v, dtype=torch.float).cpu() for k, v in out.items()} if isinstance(out, dict) else {}
+        except AlolError:
+            raise
+        except Exception as e:
+            raise AlolError(f"reward function {name} failed on {n} examples: {type(e).__name__}: {e}") from None
+        if not components or not all(isinstance(k, str) for k in components):
+            raise AlolError(f"reward function {name} returned {str(out)[:80]}; expected {{name: {n} values in [0, 1]}}")
+        for key, v in components.items():
+            if v.shape != (n,) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+                raise AlolError(f"reward function {name}: component {key!r} must be {n} finite values in [0, 1], got "
+                                f"{str(v.tolist())[:80]}")
+        return components
+
+    shares = shard_map(call, list(zip(prompts, responses)), math.ceil(len(prompts) / world()[1]), "reward")
+    components = {k: torch.cat([share[k] for share in shares]) for k in shares[0]}
     return {**components, "reward": sum(components.values())}
 
 
@@ -294,7 +312,8 @@ def hidden_states(model, batch: dict, args: Args):
     ids = batch["input_ids"]
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     with autocast(args):
-        out = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions)
+        out = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions,
+                               use_cache=False)  # no key/value cache: nothing is generated from these states
     return out.last_hidden_state
 
 
@@ -314,24 +333,27 @@ def token_logprobs(model, batch: dict, args: Args, hidden=None):
 
 @torch.no_grad()
 def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
-    """Pure sampling (temperature 1, no top-k/top-p: the policy's own distribution) or the deterministic decode."""
+    """Pure sampling (temperature 1, no top-k/top-p: the policy's own distribution) or the deterministic decode,
+    in batches of --eval-batch-size (shared out over the processes under torchrun)."""
     model.eval()
     if sample:
-        torch.manual_seed(args.seed)  # the same draws whatever ran before
         decode = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
     else:
         decode = {"do_sample": False, "num_beams": args.eval_num_beams,
                   "repetition_penalty": args.eval_repetition_penalty}
     # Left padding and left truncation: new tokens are appended at the right end (encode() pads on its own).
     tok.padding_side = tok.truncation_side = "left"
-    responses = []
-    for i in tqdm(range(0, len(prompts), args.eval_batch_size), desc="generate", leave=False, disable=None):
-        enc = tok(prompts[i:i + args.eval_batch_size], return_tensors="pt", padding=True, truncation=True,
-                  max_length=args.max_prompt_len, add_special_tokens=False).to(args.device)
-        out = model.generate(**enc, max_new_tokens=args.eval_max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, **decode)
-        responses += [r.strip() for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return responses
+
+    def decode_batch(batch, k):
+        with torch.random.fork_rng(devices=[args.device] if args.device.startswith("cuda") else []):
+            torch.manual_seed(args.seed + k)  # batch k's draws: the same whatever ran before, on any process
+            enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=args.max_prompt_len,
+                      add_special_tokens=False).to(args.device)
+            out = model.generate(**enc, max_new_tokens=args.eval_max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **decode)
+        return [r.strip() for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+    return [r for batch in shard_map(decode_batch, prompts, args.eval_batch_size, "generate") for r in batch]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,13 +461,17 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
         print(f"warning: cache file {path} is truncated or altered: computing it again")
     value_head, fit_report = train_value_head(ref, tok, val_records, reward_fn, args)
     ref_logp, value = torch.zeros(train["input_ids"].shape), torch.zeros(len(train["reward"]))
-    with torch.no_grad():
-        chunks = torch.arange(len(value)).split(args.eval_batch_size)
-        for idx in tqdm(chunks, desc="reference log-probs", leave=False, disable=None):
-            batch = take(train, idx, args.device)
-            hidden = hidden_states(ref, batch, args)  # (b, T, H): one pass gives log-probs and V's input
-            ref_logp[idx, :hidden.shape[1]] = token_logprobs(ref, batch, args, hidden).cpu()  # (b, T) log pi_ref
-            value[idx] = value_head(hidden.float(), batch["prompt_mask"]).cpu()  # (b,) V(x)
+
+    @torch.no_grad()
+    def reference_pass(idx, position):
+        batch = take(train, torch.tensor(idx), args.device)
+        hidden = hidden_states(ref, batch, args)  # (b, T, H): one pass gives log-probs and V's input
+        return token_logprobs(ref, batch, args, hidden).cpu(), value_head(hidden.float(), batch["prompt_mask"]).cpu()
+
+    indices = list(range(len(value)))
+    for idx, (logp, v) in zip(torch.arange(len(value)).split(args.eval_batch_size),
+                              shard_map(reference_pass, indices, args.eval_batch_size, "reference log-probs")):
+        ref_logp[idx, :logp.shape[1]], value[idx] = logp, v  # (b, T) log pi_ref, (b,) V(x)
     frozen = {"ref_logp": ref_logp, "value": value, "value_report": fit_report, "key": key}
     os.makedirs(args.cache_dir, exist_ok=True)
     buffer = io.BytesIO()
@@ -531,54 +557,73 @@ def sampling_schedule(n: int, priority, epochs: int, per_step: int, seed: int) -
     return order[:steps * per_step].view(steps, per_step)
 
 
-def train_step(policy, optim, data: dict, indices: torch.Tensor, algo: str, args: Args, frozen=None) -> dict:
-    """One optimiser step on the examples `indices`, in --grad-accum micro-batches; returns the step's statistics.
+def train_step(forward, optim, data: dict, indices: torch.Tensor, algo: str, args: Args, frozen=None) -> dict:
+    """One optimiser step on the examples `indices` (this process's share under torchrun), in --grad-accum
+    micro-batches; returns the step's statistics. forward(batch) -> (b, T) log pi_theta is data_parallel's.
 
     frozen = {"ref_logp": [N, T], "value": [N]} of the frozen reference, or None for the NLL reference stage, which
     has no reference yet: there rho = 1 and V = 0 (NLL's weight uses neither).
     """
-    stats = []
-    for idx in indices.chunk(args.grad_accum):
+    stats, micro = [], indices.chunk(args.grad_accum)
+    for i, idx in enumerate(micro):
         batch = take(data, idx, args.device)
-        logp = token_logprobs(policy, batch, args)  # (b, T) log pi_theta, with grad
-        if frozen is None:
-            ref_logp, value = logp.detach(), torch.zeros_like(batch["reward"])
-        else:
-            ref_logp = frozen["ref_logp"][idx, :logp.shape[1]].to(args.device)  # (b, T) log pi_ref
-            value = frozen["value"][idx].to(args.device)  # (b,) V(x)
-        loss, s = alol_loss(logp, ref_logp, batch["response_mask"], batch["reward"], value, algo, args.clip_eps,
-                            args.kl_beta, return_stats=True)
-        # Divide by the micro-batch count: the update is the mean over the whole batch, as one big batch would
-        # give (the official code summed micro-batch means; huggingface/trl#2615).
-        (loss / args.grad_accum).backward()
+        # Under torchrun the gradients are averaged over the processes once per step, in the last backward.
+        with forward.no_sync() if hasattr(forward, "no_sync") and i < len(micro) - 1 else contextlib.nullcontext():
+            logp = forward(batch)  # (b, T) log pi_theta, with grad
+            if frozen is None:
+                ref_logp, value = logp.detach(), torch.zeros_like(batch["reward"])
+            else:
+                ref_logp = frozen["ref_logp"][idx, :logp.shape[1]].to(args.device)  # (b, T) log pi_ref
+                value = frozen["value"][idx].to(args.device)  # (b,) V(x)
+            loss, s = alol_loss(logp, ref_logp, batch["response_mask"], batch["reward"], value, algo, args.clip_eps,
+                                args.kl_beta, return_stats=True)
+            # Divide by the micro-batch count: the update is the mean over the whole batch, as one big batch would
+            # give (the official code summed micro-batch means; huggingface/trl#2615).
+            (loss / args.grad_accum).backward()
         stats.append({"loss": loss.item(), **s})
-    grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
-    if not all(math.isfinite(x) for x in [grad_norm] + [s["loss"] for s in stats]):  # before NaN reaches the weights
-        raise FloatingPointError(f"loss {[s['loss'] for s in stats]}, gradient norm {grad_norm}")
+    grad_norm = nn.utils.clip_grad_norm_(forward.parameters(), args.max_grad_norm).item()
+    means = mean_over_processes(torch.tensor([[s[k] for k in stats[0]] for s in stats], dtype=torch.float64).mean(0), args)
+    if not all(math.isfinite(x) for x in [grad_norm, *means.tolist()]):  # before NaN reaches the weights
+        raise FloatingPointError(f"loss {means[0].item()}, gradient norm {grad_norm}")
     optim.step()
     optim.zero_grad(set_to_none=True)
-    return {"grad_norm": grad_norm, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
+    return {"grad_norm": grad_norm, **dict(zip(stats[0], means.tolist()))}
 
 
-def save_checkpoint(policy, tok, ckpt: str, state: dict):
-    """`save_pretrained` format (loadable with from_pretrained) plus `state` (the optimiser's, for --resume; the
-    validation reward, for best/) in trainer_state.pt, written last: a checkpoint.tmp that holds it is complete."""
-    shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
-    policy.save_pretrained(ckpt + ".tmp")
-    tok.save_pretrained(ckpt + ".tmp")
-    torch.save(state, os.path.join(ckpt + ".tmp", "trainer_state.pt"))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    os.replace(ckpt + ".tmp", ckpt)
+def save_checkpoint(model, tok, ckpt: str, state: dict):
+    """`save_pretrained` format (the whole model, loadable with from_pretrained; or a peft LoRA adapter) plus `state`
+    (the optimiser's, for --resume; the validation reward, for best/) in trainer_state.pt, written last: a
+    checkpoint.tmp that holds it is complete. Rank 0 writes; the others wait until it has."""
+    if is_main():
+        shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
+        model.save_pretrained(ckpt + ".tmp")
+        tok.save_pretrained(ckpt + ".tmp")
+        torch.save(state, os.path.join(ckpt + ".tmp", "trainer_state.pt"))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        os.replace(ckpt + ".tmp", ckpt)
+    barrier()
 
 
-def resume_checkpoint(policy, optim, sched, ckpt: str, log_path: str, args: Args) -> int:
+def load_weights(model, ckpt: str, args: Args):
+    """save_checkpoint's weights back into `model`: a LoRA adapter's into the peft model, or a whole model's."""
+    if hasattr(model, "peft_config"):
+        import peft
+
+        peft.set_peft_model_state_dict(model, peft.utils.load_peft_weights(ckpt, device=args.device))
+    else:
+        model.load_state_dict(load_policy(ckpt, args).state_dict())
+
+
+def resume_checkpoint(model, optim, sched, ckpt: str, log_path: str, args: Args) -> int:
     """The step to continue from: 0 for a fresh stage; else the checkpoint's weights and optimiser state are loaded
     and log.jsonl is cut back to that step (rows written after it, or cut short by the kill, are dropped)."""
-    if args.resume and not os.path.exists(ckpt) and os.path.exists(os.path.join(ckpt + ".tmp", "trainer_state.pt")):
+    finished = args.resume and not os.path.exists(ckpt) and os.path.exists(os.path.join(ckpt + ".tmp", "trainer_state.pt"))
+    if finished and is_main():
         os.replace(ckpt + ".tmp", ckpt)  # killed between save_checkpoint's delete and rename: the new one is complete
+    barrier()
     if not (args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))):
         return 0
-    policy.load_state_dict(load_policy(ckpt, args).state_dict())
+    load_weights(model, ckpt, args)
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     optim.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -593,14 +638,28 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
     continue from that checkpoint (same batches, same optimiser state: the weights end up identical).
     frozen: the reference's cached quantities (train_step); priority: A+ for priority sampling, or None.
     validate(policy) -> validation reward, every --eval-every steps and after the last: the best step's weights
-    are kept in run_dir/best and loaded back at the end. Returns {step, val_reward} of that step, or None."""
-    schedule = sampling_schedule(len(data["reward"]), priority, epochs, args.batch_size * args.grad_accum, args.seed)
-    optim = torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-8, weight_decay=args.weight_decay)
+    are kept in run_dir/best and loaded back at the end. Returns {step, val_reward} of that step, or None.
+    With --lora-r, a fresh LoRA adapter is trained and checkpointed, then merged into `policy` and the merged
+    model saved in run_dir/model. Under torchrun every step's global batch is split over the processes."""
+    adapter = None
+    if args.lora_r:
+        import peft
+
+        adapter = peft.get_peft_model(policy, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                              lora_dropout=args.lora_dropout,
+                                                              target_modules=args.lora_targets))  # in place
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rank, size = world()
+    schedule = sampling_schedule(len(data["reward"]), priority, epochs, args.batch_size * args.grad_accum * size,
+                                 args.seed)  # (steps, global batch): the same batches on any number of processes
+    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, eps=1e-8,
+                              weight_decay=args.weight_decay)
     # Linear decay over optimiser steps; the official schedule counted micro-batches and ended at half the LR.
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(schedule))
     ckpt, log_path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "log.jsonl")
     os.makedirs(run_dir, exist_ok=True)
-    start = resume_checkpoint(policy, optim, sched, ckpt, log_path, args)
+    start = resume_checkpoint(adapter or policy, optim, sched, ckpt, log_path, args)
     if validate is None or not args.eval_every:
         every = 0
     else:  # a value below 1 is a share of an epoch
@@ -608,15 +667,15 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
     best_dir = os.path.join(run_dir, "best")  # the best validated weights so far, kept across --resume
     best_path = os.path.join(best_dir, "trainer_state.pt")
     best = torch.load(best_path, weights_only=True) if start and os.path.exists(best_path) else {"val_reward": -math.inf}
-    tracker = Tracker(args, run_dir, start)
+    tracker, forward = Tracker(args, run_dir, start), data_parallel(policy, args)
     policy.train()
-    with open(log_path, "a" if start else "w") as log:
+    with open(log_path if is_main() else os.devnull, "a" if start else "w") as log:
         bar = tqdm(range(start, len(schedule)), desc=f"train {algo}", initial=start, total=len(schedule),
-                   dynamic_ncols=True, disable=None)  # disable=None: no bar when stderr is not a terminal
+                   dynamic_ncols=True, disable=None if rank == 0 else True)  # None: no bar unless stderr is a terminal
         for step in bar:
             try:
                 row = {"step": step + 1, "lr": sched.get_last_lr()[0],
-                       **train_step(policy, optim, data, schedule[step], algo, args, frozen)}
+                       **train_step(forward, optim, data, schedule[step].chunk(size)[rank], algo, args, frozen)}
             except FloatingPointError as e:
                 raise AlolError(f"{algo}: non-finite values at step {step + 1} ({e}); stopped before updating or "
                                 f"saving the weights. Try a lower learning rate (now {lr}) or --max-grad-norm.") from None
@@ -629,17 +688,20 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
                 policy.train()
                 if rows[-1]["val_reward"] > best["val_reward"]:
                     best = rows[-1]
-                    save_checkpoint(policy, tok, best_dir, best)
+                    save_checkpoint(adapter or policy, tok, best_dir, best)
             for r in rows:
                 log.write(json.dumps(r) + "\n")
                 tracker.log(r)
             if (step + 1) % args.save_every == 0 or step + 1 == len(schedule):
                 log.flush()
-                save_checkpoint(policy, tok, ckpt, {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
-                                                    "step": step + 1})
+                save_checkpoint(adapter or policy, tok, ckpt, {"optimizer": optim.state_dict(),
+                                                               "scheduler": sched.state_dict(), "step": step + 1})
     tracker.close()
     if every:
-        policy.load_state_dict(load_policy(best_dir, args).state_dict())
+        load_weights(adapter or policy, best_dir, args)
+    if adapter is not None:  # fold the adapter into the weights: from_pretrained loads run_dir/model
+        adapter.merge_and_unload()
+        save_checkpoint(policy, tok, os.path.join(run_dir, "model"), {})
     policy.eval()
     return best if every else None
 
@@ -695,7 +757,7 @@ def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str
 # ---------------------------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     algos = ALGOS if args.algo == "all" else args.algo.split(",")
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.device = init_distributed(args)  # under torchrun: this process's device
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # Everything that can fail on bad input happens before the run directory is touched.
@@ -707,6 +769,8 @@ def main(args: Args) -> dict:
     train = encode(splits["train"], tok, args)
     print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
                         subsequent_indent="  "), f"\nrun directory: {out_dir}")
+    print(f"global batch: {args.batch_size} sequences x {args.grad_accum} micro-batches x {world()[1]} processes = "
+          f"{args.batch_size * args.grad_accum * world()[1]} per optimiser step")
 
     # 3. The reference policy: given, or NLL on the training data from the initial policy (the paper's recipe)
     ref_dir = os.path.join(out_dir, "reference")
@@ -748,7 +812,8 @@ def main(args: Args) -> dict:
     # 6-8. Each method from the same reference, then its evaluation
     results["methods"] = {}
     for i, algo in enumerate(algos):
-        policy = load_policy(args.ref_model or os.path.join(ref_dir, "best" if args.eval_every else "checkpoint"), args)
+        policy = load_policy(args.ref_model or os.path.join(ref_dir, "model" if args.lora_r else "best" if
+                                                            args.eval_every else "checkpoint"), args)
         priority = advantage.clamp(min=0) if algo.startswith("a_lol") and args.priority_sampling else None
         start = time.time()
         selected = train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr,
@@ -1205,6 +1270,82 @@ def load_task(args: Args):
 # ---------------------------------------------------------------------------------------------------------------
 # 11. Plumbing: input checks, hub access and model loading, fingerprints, atomic writes, the run directory, the report
 # ---------------------------------------------------------------------------------------------------------------
+def init_distributed(args: Args) -> str:
+    """This process's device. Under torchrun (RANK set): one process group, NCCL with one GPU per process, or gloo
+    on CPU; ranks other than 0 print nothing (errors still reach stderr)."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if "RANK" not in os.environ:
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def world() -> tuple:
+    """(rank, number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    """Rank 0 alone writes files and prints; the others compute the same and wait for it where they read them."""
+    return world()[0] == 0
+
+
+def shard_map(fn, items: list, batch_size: int, desc: str) -> list:
+    """[fn(batch, k) for the k-th batch of items]: under torchrun batch k runs on rank k % world size and the results
+    are gathered in order, so fn must depend only on the batch and its position (generate seeds by it)."""
+    rank, size = world()
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    done = {k: fn(batches[k], k) for k in tqdm(range(rank, len(batches), size), desc=desc, leave=False,
+                                               disable=None if rank == 0 else True)}
+    if size > 1:
+        parts = [None] * size
+        dist.all_gather_object(parts, done)
+        done = {k: v for part in parts for k, v in part.items()}
+    return [done[k] for k in range(len(batches))]
+
+
+class PolicyLogProbs(nn.Module):
+    """token_logprobs of the policy as a module's forward: what DistributedDataParallel needs to see."""
+
+    def __init__(self, policy, args: Args):
+        super().__init__()
+        self.policy, self.args = policy, args
+
+    def forward(self, batch):
+        return token_logprobs(self.policy, batch, self.args)
+
+
+def data_parallel(policy, args: Args) -> nn.Module:
+    """forward(batch) -> token log-probs [B, T] for train_step: under torchrun a DistributedDataParallel, which
+    averages the gradients over the processes in the backward of a step's last micro-batch (train_step runs the
+    others under no_sync); the plain module otherwise."""
+    forward = PolicyLogProbs(policy, args)
+    if world()[1] == 1:
+        return forward
+    return nn.parallel.DistributedDataParallel(forward, device_ids=None if args.device == "cpu" else [args.device])
+
+
+def mean_over_processes(values: torch.Tensor, args: Args) -> torch.Tensor:
+    """The mean of each process's `values` (itself without torchrun): logged statistics cover the whole step."""
+    if world()[1] == 1:
+        return values
+    values = values.to(args.device)
+    dist.all_reduce(values)
+    return values.cpu() / world()[1]
+
+
+def barrier():
+    """Under torchrun, wait until every process is here: the others then read what rank 0 has written."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def preflight(args: Args, splits: dict, reward_fn, tok, model) -> dict:
     """Every check that can run before the reference stage, so a bad input fails in seconds and leaves nothing
     behind. Returns the fingerprints of what the run reads (data files, the reward function's code) for --resume."""
@@ -1285,7 +1426,9 @@ def from_pretrained(cls, name: str, **kwargs):
 
 
 def load_policy(path: str, args: Args):
-    policy = from_pretrained(transformers.AutoModelForCausalLM, path, dtype=torch.float32)
+    # fp32 weights for full training (bf16 autocast computes); with LoRA on CUDA the frozen base is stored in bf16
+    bf16_base = args.lora_r and args.bf16 and args.device.startswith("cuda")
+    policy = from_pretrained(transformers.AutoModelForCausalLM, path, dtype=torch.bfloat16 if bf16_base else torch.float32)
     return disable_dropout(policy).to(args.device)
 
 
@@ -1343,6 +1486,8 @@ def file_sha256(path: str) -> str:
 def write_atomic(path: str, content):
     """Write text (or bytes) to a temporary file and rename, so an interrupted run never leaves a half-written file;
     the temporary name is the process's own, so runs sharing a folder never race on it."""
+    if not is_main():  # under torchrun, rank 0 writes
+        return
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
         f.write(content)
@@ -1374,9 +1519,11 @@ def prepare_out_dir(args: Args, fingerprints: dict) -> str:
         if not args.resume:
             raise AlolError(f"--out-dir {out} already holds this run; pass --resume to continue it or --overwrite "
                             "to restart")
-    if old is not None and args.overwrite:
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    barrier()  # every process has read the old config before rank 0 replaces it
+    if is_main():
+        if old is not None and args.overwrite:
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
     write_atomic(config_path, json.dumps(config, indent=1))
     return out
 
@@ -1388,7 +1535,7 @@ class Tracker:
     def __init__(self, args: Args, run_dir: str, start: int):
         group = os.path.basename(os.path.dirname(os.path.abspath(run_dir)))
         self.writers, self.modules = [], []
-        for kind in set(args.report_to.split(",")) - {"none"}:
+        for kind in set(args.report_to.split(",")) - {"none"} if is_main() else set():  # rank 0 reports
             if kind == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -1418,6 +1565,8 @@ class Tracker:
 def write_curves(out_dir: str, stages: list, clip_eps):
     """curves.png: per optimiser step, one line per stage: loss, mean ratio with the clip band, clipped share, mean A+
     (the methods only: the NLL reference stage has no ratio and no advantage), and the validation reward."""
+    if not is_main():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1427,7 +1576,8 @@ def write_curves(out_dir: str, stages: list, clip_eps):
               "adv": "mean A+ of the batch", "val_reward": "validation reward (--eval-every)"}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for color, stage in enumerate(stages):
-        rows = [json.loads(line) for line in open(os.path.join(out_dir, stage, "log.jsonl"))]
+        log = os.path.join(out_dir, stage, "log.jsonl")
+        rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []  # none: --ref-model given
         for ax, key in zip(axes, panels):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points and not (stage == "reference" and key in ("ratio", "clip_frac", "adv")):
@@ -1475,6 +1625,8 @@ def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:
                  f"\n\nMean over {results['n_test']} test prompts; components and distinct-n of the sampled "
                  "generations."
                  f"\n\n{table}\n")
+    if not is_main():
+        return table
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     bars = left.bar(list(rows), [m["reward_sampled"] for m in rows.values()], color="tab:blue", label="sampled")
     left.bar_label(bars, fmt="%.2f")
@@ -1498,6 +1650,8 @@ def cli(argv: list) -> int:
     that resumes the run (exit 130)."""
     try:
         main(parse_args(argv))
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 0
     except AlolError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -188,7 +188,7 @@ def test_gradient_accumulation_matches_one_big_batch(toy):
         policy = alol.load_policy(toy["path"], args).train()
         args_i = alol.Args(**{**vars(args), "batch_size": batch_size, "grad_accum": accum, "max_grad_norm": 1e9})
         optim = GradientRecorder(policy.parameters())
-        alol.train_step(policy, optim, train, torch.arange(8), "a_lol", args_i, frozen)
+        alol.train_step(alol.data_parallel(policy, args_i), optim, train, torch.arange(8), "a_lol", args_i, frozen)
         grads[batch_size] = optim.grads
         assert all(p.grad is None for p in policy.parameters())  # zeroed for the next step
     assert grads[8].abs().sum() > 0
@@ -427,12 +427,20 @@ def test_own_jsonl_with_a_hub_style_model_and_reward_fn(toy, tmp_path, monkeypat
     assert os.path.exists(run / "a_lol" / "checkpoint" / "model.safetensors") and os.path.exists(run / "results.png")
 
 
-def test_end_to_end_a_lol_beats_nll(tmp_path):
-    """A reduced budget of the default run: A-LoL must beat continued NLL and the offline data it learned from."""
-    args = alol.parse_args(["--device", "cpu", "--kernel", "torch", "--out-dir", str(tmp_path / "run"), "--cache-dir",
-                            str(tmp_path / "cache"), "--n-train", "3000", "--n-test", "200", "--ref-epochs", "3",
-                            "--epochs", "2", "--value-epochs", "10"])
-    results = alol.main(args)
+E2E = ["--device", "cpu", "--kernel", "torch", "--n-train", "3000", "--n-test", "200", "--ref-epochs", "3", "--epochs",
+       "2", "--value-epochs", "10", "--report-to", "none"]
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """A reduced budget of the default run (its reference and cache serve the LoRA test too)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    return tmp, alol.main(alol.parse_args([*E2E, "--out-dir", str(tmp / "run"), "--cache-dir", str(tmp / "cache")]))
+
+
+def test_end_to_end_a_lol_beats_nll(e2e):
+    """A-LoL must beat continued NLL and the offline data it learned from."""
+    tmp_path, results = e2e
     saved = json.load(open(tmp_path / "run" / "results.json"))
     for name in ("reference", "nll", "a_lol"):
         entry = saved["reference"] if name == "reference" else saved["methods"][name]
@@ -441,6 +449,21 @@ def test_end_to_end_a_lol_beats_nll(tmp_path):
     assert a_lol > nll + 0.5, (a_lol, nll)
     assert a_lol > results["data"]["reward"] + 0.3, (a_lol, results["data"]["reward"])
     assert "| a_lol |" in open(tmp_path / "run" / "results.md").read()
+
+
+def test_lora_methods_on_the_reference_still_beat_nll(e2e):
+    """Fresh rank-16 LoRA adapters (peft) on the same reference: A-LoL still clears the bar over continued NLL, the
+    checkpoints hold adapters only, and the merged method loads with from_pretrained."""
+    tmp_path, _ = e2e
+    args = alol.parse_args([*E2E, "--out-dir", str(tmp_path / "lora"), "--cache-dir", str(tmp_path / "cache"),
+                            "--ref-model", str(tmp_path / "run" / "reference" / "checkpoint"), "--lora-r", "16",
+                            "--lora-alpha", "32", "--lr", "1e-2"])
+    results = alol.main(args)
+    nll, a_lol = results["methods"]["nll"]["reward_sampled"], results["methods"]["a_lol"]["reward_sampled"]
+    assert a_lol > nll + 0.5, (a_lol, nll)
+    checkpoint = tmp_path / "lora" / "a_lol" / "checkpoint"
+    assert (checkpoint / "adapter_model.safetensors").exists() and not (checkpoint / "model.safetensors").exists()
+    alol.load_policy(str(tmp_path / "lora" / "a_lol" / "model"), args)
 
 
 def test_fused_kernel_loss_equals_alol_loss():
