@@ -555,6 +555,21 @@ else:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
 
 
+# ---- benchmark ---------------------------------------------------------------------------------------------------
+def test_bench_skips_bf16_on_cpus_without_bf16_units(monkeypatch):
+    from kernels import bench
+
+    flags = pathlib.Path("/proc/cpuinfo").read_text().split() if pathlib.Path("/proc/cpuinfo").exists() else None
+    if flags is not None:  # torch's CPU probe agrees with the kernel's flags
+        assert bench.cpu_has_bf16_units() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    monkeypatch.setattr(bench, "cpu_has_bf16_units", lambda: False)
+    names, why = bench.default_dtypes("cpu")
+    assert names == ["fp32"] and why.startswith("bf16 skipped") and "\n" not in why
+    monkeypatch.setattr(bench, "cpu_has_bf16_units", lambda: True)
+    assert bench.default_dtypes("cpu") == (["fp32", "bf16"], "")
+    assert bench.default_dtypes("cuda") == (["bf16"], "")
+
+
 # ---- CUDA ------------------------------------------------------------------------------------------------------
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
