@@ -198,8 +198,8 @@ def report(a, device, dtype_name):
 def cpu_has_bf16_units():
     """AVX512-BF16 or AMX (x86): oneDNN runs bf16 GEMMs in hardware. Without them it emulates them: the naive bf16
     run alone took over 4 minutes at the default shape on an AMD EPYC without AVX-512."""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                       "_is_amx_tile_supported"))
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def default_dtypes(device):

@@ -19,7 +19,7 @@ from kernels import torch_ops, triton_ops
 BACKENDS = ["torch", pytest.param("triton", marks=[
     pytest.mark.skipif(triton_ops is None, reason="no triton"),
     pytest.mark.skipif(triton_ops is not None and not triton_ops.INTERPRET,
-                       reason="CUDA machine: Triton runs compiled, in the CUDA tests, not interpreted on CPU tensors")])]
+                       reason="CUDA machine: Triton runs compiled, in the CUDA tests, not interpreted on CPU")])]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(3, 17, 72, 1000), (4, 47, 31, 123), (2, 64, 128, 4099)]  # (B, T, H, V): odd H, V below a block, prime-ish V
