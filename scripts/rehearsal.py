@@ -327,20 +327,20 @@ def main():
 
 
 def print_step(s):
-    gb = 1024
+    gib = 1024
     line = (f"\none optimiser step, batch 8 x grad-accum 2, {STEP_TOKENS} tokens per sequence ({STEP_RESPONSE} "
             f"response), {s['params'] / 1e6:.0f} M parameters on {s['device']}: {s['seconds']:.1f} s; fp32 weights + "
-            f"gradients + AdamW state = {s['state_mb'] / gb:.2f} GB; peak RSS {s['rss_peak_mb'] / gb:.2f} GB "
-            f"({s['rss_before_mb'] / gb:.2f} GB before the step)")
+            f"gradients + AdamW state = {s['state_mb'] / gib:.2f} GiB; peak RSS {s['rss_peak_mb'] / gib:.2f} GiB "
+            f"({s['rss_before_mb'] / gib:.2f} GiB before the step)")
     if "cuda_peak_mb" in s:
-        line += (f"; torch.cuda.max_memory_allocated {s['cuda_peak_mb'] / gb:.2f} GB ({s['cuda_before_mb'] / gb:.2f}"
-                 f" GB before the step) on {s['gpu']}")
+        line += (f"; torch.cuda.max_memory_allocated {s['cuda_peak_mb'] / gib:.2f} GiB "
+                 f"({s['cuda_before_mb'] / gib:.2f} GiB before the step) on {s['gpu']}")
     print(line, flush=True)
 
 
 def print_stages(stages, total):
     cuda = any("cuda_peak_mb" in s for s in stages)
-    print("\n| stage (progress bar) | wall s | peak RSS GB |" + (" peak CUDA allocated GB |" if cuda else ""))
+    print("\n| stage (progress bar) | wall s | peak RSS GiB |" + (" peak CUDA allocated GiB |" if cuda else ""))
     print("|---|---|---|" + ("---|" if cuda else ""))
     for s in stages:
         print(f"| {s['stage']} | {s['seconds']:.1f} | {s['rss_peak_mb'] / 1024:.2f} |"
