@@ -248,14 +248,15 @@ def phases(events):
     rows = []
     for e in events:
         label = e["stage"]
-        follows = label.startswith(("reward ", "between bars")) or label == "end"
+        scoring = label == "reward" or label.startswith("reward ")  # a reward model's bar, or all five's
+        follows = scoring or label.startswith("between bars") or label == "end"
         if rows and (follows or (label == rows[-1]["label"] and not rows[-1]["scored"])):
             row = rows[-1]
             row["seconds"] += e["seconds"]
             for key in ("rss_peak_mb", "cuda_peak_mb"):
                 if key in e:
                     row[key] = max(row[key], e[key])
-            row["scored"] = row["scored"] or label.startswith("reward ")
+            row["scored"] = row["scored"] or scoring
         else:
             rows.append(dict(e, label=label, scored=False))
     for row in rows:
@@ -308,6 +309,11 @@ def main():
                     "--n-val", str(a.n_prompts), "--n-test", str(a.n_prompts), "--ref-epochs", "1", "--epochs", "1",
                     "--value-epochs", "1", "--algo", a.algo, "--out-dir", os.path.join(folder, "run"),
                     "--cache-dir", os.path.join(folder, "cache")]
+            # Trackers (--report-to, tensorboard by default where alol.py has it) are no part of the rehearsal, and
+            # their packages may be missing on a GPU machine.
+            usage = subprocess.run([sys.executable, os.path.join(ROOT, "alol.py"), "--help"], capture_output=True,
+                                   text=True).stdout
+            argv += ["--report-to", "none"] if "--report-to" in usage else []
             report["alol_command"] = "python alol.py " + " ".join(argv)
             print(report["alol_command"], flush=True)
             env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

@@ -54,8 +54,9 @@ def test_rehearsal_groups_progress_bars_into_stages():
     events = [event("start: load data, models", 1, 100), event("reward fluency", 2, 300),
               event("between bars: load, save, score", 1, 200), event("train nll", 5, 900),
               event("between bars: load, save, score", 1, 400), event("generate", 3, 500), event("generate", 4, 600),
-              event("reward depth", 1, 700), event("generate", 2, 500), event("end", 0.5, 100)]
+              event("reward", 0.5, 100), event("reward depth", 1, 700), event("generate", 2, 500),
+              event("end", 0.5, 100)]
     rows = rehearsal.phases(events)
     assert [(r["stage"], r["seconds"], r["rss_peak_mb"]) for r in rows] == [
         ("start: read the CSVs, preprocess, load the policy, score", 4, 300), ("train nll", 6, 900),
-        ("generate, score", 8, 700), ("generate", 2.5, 500)]
+        ("generate, score", 8.5, 700), ("generate", 2.5, 500)]
