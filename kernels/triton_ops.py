@@ -23,6 +23,10 @@ Triton on CPU (TRITON_INTERPRET=1, the tests): the interpreter reads TRITON_INTE
 set it before importing this module; bf16 `tl.dot` is wrong there (bf16 is emulated as uint16), so operands
 are upcast to fp32 (UPCAST); fp32 -> bf16 stores truncate, so gradients are stored in fp32 and cast by PyTorch;
 autotuning needs a GPU, so the interpreter gets a single config.
+
+Triton on GPUs, checked without one (python -m kernels.compile_check, tests/test_compile.py): every kernel and config
+compiles for sm_75, sm_80, sm_86, sm_89 and sm_90, and the autotuner only tries configs that fit the device's shared
+memory per block (64 KB on a T4, 99 KB on an RTX 3090/4090, A10 or L4, 163 KB on an A100, 227 KB on an H100).
 """
 import contextlib
 import functools
@@ -44,17 +48,73 @@ def on_input_device(method):
             return method(ctx, x, *args)
     return wrapper
 
+
 # Bytes of dZ ([token chunk, V] in the input dtype) materialised at once in the linear backward.
 DZ_BYTES = 256 * 2**20
 # Vocabulary block of the logits kernels: a row of logits is streamed through registers in blocks this wide.
 LOGITS_BLOCK_V = 16384 if INTERPRET else 4096
+LOGITS_NUM_WARPS = 8
+
+
+def _config(bn, bv, bk, warps, stages):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
 
 if INTERPRET:  # few, large blocks: interpreter cost grows with the number of block operations
     _CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_V": 1024, "BLOCK_K": 128})]
+    _CONFIGS_BY_ELEMENT_SIZE = {}
 else:
-    _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                for bn, bv, bk, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                                         (64, 256, 64, 8, 3)]]
+    # The autotuner's configs (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages) per operand size. For bf16/fp16, tiles with
+    # BLOCK_K = 64. Those need 128-288 KB of shared memory with fp32 operands, more than the 99 KB of an RTX 3090/4090
+    # or A10/L4, and their fp32 FMA ("ieee") code spills up to 33 KB per thread on sm_80: fp32 gets BLOCK_K = 32 tiles
+    # of 48-96 KB that spill little or nothing (python -m kernels.compile_check; README, Kernels).
+    _CONFIGS_BY_ELEMENT_SIZE = {
+        2: [_config(128, 128, 64, 8, 3), _config(64, 128, 64, 4, 4), _config(128, 256, 64, 8, 3),
+            _config(64, 256, 64, 8, 3)],
+        4: [_config(64, 128, 32, 8, 3), _config(128, 128, 32, 8, 3)],
+    }
+    _CONFIGS = [c for configs in _CONFIGS_BY_ELEMENT_SIZE.values() for c in configs]
+
+
+def shared_memory_bytes(config, element_size, capability):
+    """An upper bound of the shared memory one block of the linear kernels needs on a GPU of this compute capability.
+
+    Triton's software pipeliner keeps copies of the K loop's two operand tiles, h [BLOCK_N, BLOCK_K] and
+    W [BLOCK_K, BLOCK_V], in shared memory: num_stages copies on sm_90, num_stages - 1 on sm_80-89 (cp.async).
+    sm_75 has no asynchronous copies, so there is one copy, and the layout conversions of the fp32 logits tile
+    after the loop (at most the whole tile) can need more. tests/test_compile.py checks this bound against the
+    shared memory Triton's compiler reports for every kernel, config, dtype and architecture.
+    """
+    meta = config.kwargs
+    stage = (meta["BLOCK_N"] + meta["BLOCK_V"]) * meta["BLOCK_K"] * element_size
+    if capability[0] >= 9:
+        return config.num_stages * stage
+    if capability[0] == 8:
+        return max(config.num_stages - 1, 1) * stage
+    return max(stage, meta["BLOCK_N"] * meta["BLOCK_V"] * 4)
+
+
+def fitting_configs(configs, element_size, capability, shared_limit):
+    """The configs sized for this operand size whose shared memory (shared_memory_bytes) fits a block's limit; an
+    error if none does."""
+    sized = _CONFIGS_BY_ELEMENT_SIZE[element_size]
+    fit = [c for c in configs if c in sized and shared_memory_bytes(c, element_size, capability) <= shared_limit]
+    if not fit:
+        raise RuntimeError(f"no kernel config fits {shared_limit} bytes of shared memory per block for "
+                           f"{element_size}-byte operands on sm_{capability[0]}{capability[1]}")
+    return fit
+
+
+def _fitting_configs(configs, named_args, **kwargs):
+    """early_config_prune: the autotuner benchmarks only the configs sized for the operands' dtype that fit the shared
+    memory of the input's GPU (a config that does not fit fails its launch with OutOfResources)."""
+    h = named_args["h_ptr"]
+    device = h.device.index if h.device.index is not None else torch.cuda.current_device()
+    limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+    return fitting_configs(configs, h.element_size(), torch.cuda.get_device_capability(device), limit)
+
+
+_PRUNE = None if INTERPRET else {"early_config_prune": _fitting_configs}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,7 +171,7 @@ class TokenLogprobs(torch.autograd.Function):
         if n:
             block = min(LOGITS_BLOCK_V, triton.next_power_of_2(V))
             _logits_fwd_kernel[(n,)](logits, b_idx, t_idx, y, lse, logp, V, *logits.stride(), BLOCK_V=block,
-                                     num_warps=8)
+                                     num_warps=LOGITS_NUM_WARPS)
         ctx.save_for_backward(logits, b_idx, t_idx, y, lse)
         return logp
 
@@ -126,7 +186,7 @@ class TokenLogprobs(torch.autograd.Function):
             block = min(LOGITS_BLOCK_V, triton.next_power_of_2(V))
             _logits_bwd_kernel[(n, triton.cdiv(V, block))](
                 logits, grad, b_idx, t_idx, y, lse, g.float().contiguous(), V, *logits.stride(), grad.stride(0),
-                grad.stride(1), BLOCK_V=block, num_warps=8)
+                grad.stride(1), BLOCK_V=block, num_warps=LOGITS_NUM_WARPS)
         return grad.to(logits.dtype), None, None, None
 
 
@@ -169,7 +229,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, s
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "V"])
+@triton.autotune(configs=_CONFIGS, key=["H", "V"], prune_configs_by=_PRUNE)
 @triton.jit
 def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_part_ptr, zy_part_ptr, N, V, H, stride_h, stride_w, SPLITS,
                        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -200,7 +260,7 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_part_ptr, zy_part_ptr, N,
     tl.store(zy_part_ptr + split * N + rows, z_y, mask=row_ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "V"])
+@triton.autotune(configs=_CONFIGS, key=["H", "V"], prune_configs_by=_PRUNE)
 @triton.jit
 def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, N, V, H, stride_h, stride_w,
                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,

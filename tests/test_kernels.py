@@ -14,14 +14,26 @@ import torch
 import kernels
 from kernels import torch_ops, triton_ops
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(triton_ops is None, reason="no triton"))]
+# "triton" on CPU tensors needs the interpreter; on a machine with CUDA tests/conftest.py leaves it off, and the CUDA
+# section runs the Triton kernels compiled for the GPU instead.
+BACKENDS = ["torch", pytest.param("triton", marks=[
+    pytest.mark.skipif(triton_ops is None, reason="no triton"),
+    pytest.mark.skipif(triton_ops is not None and not triton_ops.INTERPRET,
+                       reason="CUDA machine: Triton runs compiled, in the CUDA tests, not interpreted on CPU")])]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(3, 17, 72, 1000), (4, 47, 31, 123), (2, 64, 128, 4099)]  # (B, T, H, V): odd H, V below a block, prime-ish V
 
 # Inputs are rounded to the dtype first and the fp64 reference sees the rounded values, so the log-probs carry only
-# the kernels' fp32 arithmetic error, whatever the input dtype.
+# the kernels' fp32 arithmetic error, whatever the input dtype. logp = z_y - lse, u = 2^-24. A length-n fp32 sum with
+# independent roundings errs by u/sqrt(3) * sqrt(sum of its squared partial sums) (one standard deviation; Higham and
+# Mary, SIAM J. Sci. Comput. 2019). At the largest test shape (H = 128, V = 4099, logits of std 2): a logit's dot
+# product (terms of rms 2/sqrt(H), partial sums of rms sqrt(2 H) at the end) errs by u * sqrt(2H/3) ~ 9u; the
+# log-sum-exp's sum of V exponentials (partial sums growing linearly to the total) by a relative u * sqrt(V) / 3
+# ~ 21u; adding the max (|lse| ~ 10) by 10u. Together sqrt(2 * 9^2 + 21^2 + 10^2) u ~ 27u = 1.6e-6 per token; the
+# bound is 6 standard deviations, wherever the BLAS or the thread count puts the roundings.
 LOGP_ATOL = 1e-5
+U32 = 2.0 ** -24  # fp32 unit roundoff
 # Gradients come back in the input dtype, and the Triton backward feeds dZ in that dtype to the GEMMs: allow two
 # units of the dtype's rounding, relative to the largest reference gradient entry.
 GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2 * torch.finfo(torch.float16).eps,
@@ -63,6 +75,14 @@ def logits_of(hidden, weight, bias):
 
 def leaf(x, dtype=None):
     return None if x is None else x.detach().to(dtype or x.dtype).requires_grad_()
+
+
+def seq_logp_error_bound(ref_logp, mask):
+    """Bound on |S_b - S_b exact| for S_b = sum_t logp_bt summed by the kernels in fp32 over the row: each masked-in
+    token errs by at most LOGP_ATOL, and an fp32 sum of T terms in any order errs by at most (T - 1) u sum_t |x_t|
+    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 4.4). Worst case: no cancellation assumed."""
+    T = mask.shape[1]
+    return (mask != 0).sum(1) * LOGP_ATOL + (T - 1) * U32 * ref_logp.abs().sum(1)
 
 
 def assert_grad_close(got, ref, dtype, rtol=None):
@@ -132,22 +152,38 @@ def test_alol_sequence_loss_matches_fp64(dtype, source, backend):
     if source == "logits":
         logits = leaf(logits_of(hidden, weight, bias))
         params, ref_params = [logits], [leaf(logits, torch.float64)]
-        s_ref = ref_token_logprobs(ref_params[0], targets, mask).sum(1)
+        ref_logp = ref_token_logprobs(ref_params[0], targets, mask)
+        seq_logp = kernels.token_logprobs(logits.detach(), targets, mask, backend=backend).sum(1)
     else:
         params = [leaf(hidden), leaf(weight), leaf(bias)]
         ref_params = [leaf(p, torch.float64) for p in params]
-        s_ref = ref_token_logprobs(logits_of(*ref_params), targets, mask).sum(1)
+        ref_logp = ref_token_logprobs(logits_of(*ref_params), targets, mask)
+        seq_logp = kernels.linear_token_logprobs(*[p.detach() for p in params[:2]], targets, mask,
+                                                 bias=bias, backend=backend).sum(1)
+    s_ref = ref_logp.sum(1)
     ref_seq_logp = (s_ref.detach() - offsets).float()
     kw = dict(logits=params[0]) if source == "logits" else dict(hidden=params[0], weight=params[1], bias=params[2])
     loss, stats = kernels.alol_sequence_loss(targets, mask, ref_seq_logp, adv, clip_eps=eps, backend=backend,
                                              return_stats=True, **kw)
-    weights = torch.exp(s_ref.detach() - ref_seq_logp.double()).clamp(1 - eps, 1 + eps)  # ~[0.8, 1.2, e^0.1, 1.2]
+    log_ratio = s_ref.detach() - ref_seq_logp.double()
+    weights = torch.exp(log_ratio).clamp(1 - eps, 1 + eps)  # ~[0.8, 1.2, e^0.1, 1.2]
+    inside = (log_ratio > math.log(1 - eps)) & (log_ratio < math.log(1 + eps))
+    assert inside.tolist() == [False, False, True, False]  # offsets far from the edges: the clip decisions are exact
     ref = ref_alol_loss(s_ref, weights, adv)
-    (3.7 * loss).backward()  # grad_output != 1
-    (3.7 * ref).backward()
-    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    # The kernels' S_b is within ds_b of the exact one; w_b = exp(S_b - Sref_b) follows it inside the clip range,
+    # so loss = -(1/B) sum_b w_b A+_b S_b moves by at most (1/B) sum_b A+_b w_b (1 + |S_b| [inside]) ds_b, plus the
+    # fp32 rounding of its own few operations (16 u |loss|).
+    ds = seq_logp_error_bound(ref_logp.detach(), mask)
+    loss_bound = (adv.double().clamp(min=0) * weights * (1 + s_ref.detach().abs() * inside) * ds).mean()
+    assert abs(loss.item() - ref.item()) <= loss_bound.item() + 16 * U32 * abs(ref.item())
     assert stats["clip_frac"] == pytest.approx(3 / 4)  # only sequence 2 is inside
-    assert stats["ratio"] == pytest.approx(weights.mean().item(), rel=1e-5)
+    ratio_bound = (weights * inside * ds).mean().item() + 16 * U32 * weights.mean().item()
+    assert abs(stats["ratio"] - weights.mean().item()) <= ratio_bound
+    # The gradient takes w_b as a constant (detached), computed from the kernels' own S_b: the fp64 reference uses
+    # the same constants, so only the log-probs' gradients are compared.
+    kernel_weights = torch.exp(seq_logp.double() - ref_seq_logp.double()).clamp(1 - eps, 1 + eps)
+    (3.7 * loss).backward()  # grad_output != 1
+    (3.7 * ref_alol_loss(s_ref, kernel_weights, adv)).backward()
     for got, want in zip(params, ref_params):
         assert_grad_close(got.grad, want.grad, dtype)
 
@@ -163,7 +199,7 @@ def test_alol_test_vectors():
     logits = torch.stack([torch.log(p / (1 - p)), torch.zeros_like(p)], dim=-1).float()  # [3, 3, 2]
     targets = torch.zeros(3, 3, dtype=torch.long)
     ref_seq_logp = (ref_logp * mask).sum(1)
-    for backend in ["torch"] + (["triton"] if triton_ops else []):
+    for backend in ["torch"] + (["triton"] if triton_ops and triton_ops.INTERPRET else []):
         for eps, expected in [(0.9, 1.049408), (0.2, 0.680000), (None, 2.593161)]:
             from_logits = kernels.alol_sequence_loss(targets, mask, ref_seq_logp, adv, logits=logits, clip_eps=eps,
                                                      backend=backend)
@@ -517,6 +553,21 @@ else:
     raise SystemExit("backend='triton' without triton did not raise")
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
+
+
+# ---- benchmark ---------------------------------------------------------------------------------------------------
+def test_bench_skips_bf16_on_cpus_without_bf16_units(monkeypatch):
+    from kernels import bench
+
+    flags = pathlib.Path("/proc/cpuinfo").read_text().split() if pathlib.Path("/proc/cpuinfo").exists() else None
+    if flags is not None:  # torch's CPU probe agrees with the kernel's flags
+        assert bench.cpu_has_bf16_units() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    monkeypatch.setattr(bench, "cpu_has_bf16_units", lambda: False)
+    names, why = bench.default_dtypes("cpu")
+    assert names == ["fp32"] and why.startswith("bf16 skipped") and "\n" not in why
+    monkeypatch.setattr(bench, "cpu_has_bf16_units", lambda: True)
+    assert bench.default_dtypes("cpu") == (["fp32", "bf16"], "")
+    assert bench.default_dtypes("cuda") == (["bf16"], "")
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------
