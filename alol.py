@@ -1572,9 +1572,10 @@ def write_curves(out_dir: str, stages: list, clip_eps):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {"loss": "loss", "ratio": "mean ratio pi/pi_ref (clipped)", "clip_frac": "share clipped",
+    panels = {"loss": "loss", "ratio": "mean ratio pi/pi_ref (clipped)", "clip_frac": "share of the batch clipped",
               "adv": "mean A+ of the batch", "val_reward": "validation reward (--eval-every)"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 7.5))
+    axes, key_ax = grid.flat[:5], grid.flat[5]  # the last cell holds one legend for every panel
     for color, stage in enumerate(stages):
         log = os.path.join(out_dir, stage, "log.jsonl")
         rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []  # none: --ref-model given
@@ -1583,14 +1584,15 @@ def write_curves(out_dir: str, stages: list, clip_eps):
             if points and not (stage == "reference" and key in ("ratio", "clip_frac", "adv")):
                 ax.plot(*zip(*points), color=f"C{color}", label=stage, marker="o" if key == "val_reward" else None)
     if clip_eps is not None:
-        axes[1].axhspan(max(1 - clip_eps, 0), 1 + clip_eps, color="gray", alpha=0.15, label=f"1 ± {clip_eps}")
+        axes[1].axhspan(max(1 - clip_eps, 0), 1 + clip_eps, color="gray", alpha=0.15, label=f"clip band 1 ± {clip_eps}")
     for ax, title in zip(axes, panels.values()):
         ax.set(title=title, xlabel="optimiser step")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        else:
+        if not ax.lines:
             ax.text(0.5, 0.5, "off", ha="center", transform=ax.transAxes)
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    key_ax.legend(legend.values(), legend.keys(), loc="center", title="stage")
+    key_ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
     plt.close(fig)
