@@ -245,7 +245,7 @@ def score(reward_fn, prompts: list, responses: list) -> dict:
                                 f"{str(v.tolist())[:80]}")
         return components
 
-    shares = shard_map(call, list(zip(prompts, responses)), math.ceil(len(prompts) / world()[1]), "reward")
+    shares = shard_map(call, list(zip(prompts, responses)), max(1, math.ceil(len(prompts) / world()[1])), "reward")
     components = {k: torch.cat([share[k] for share in shares]) for k in shares[0]}
     return {**components, "reward": sum(components.values())}
 
@@ -253,6 +253,8 @@ def score(reward_fn, prompts: list, responses: list) -> dict:
 def add_rewards(splits: dict, reward_fn) -> dict:
     """Score every record in one call of reward_fn (its models load once) and store the components."""
     records = [r for split in splits.values() for r in split]
+    if not records:  # nothing to score: preflight names the empty split
+        return splits
     scores = score(reward_fn, [r["prompt"] for r in records], [r["response"] for r in records])
     columns = {k: v.tolist() for k, v in scores.items() if k != "reward"}
     for i, r in enumerate(records):
