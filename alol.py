@@ -10,6 +10,8 @@ plumbing (11) that any section may call.
     python alol.py                  # embedded offline task `toy`: reference, nll and a_lol in ~2 min on 2 CPU cores
     python alol.py --algo all       # all eight losses from the same reference
     python alol.py --task reddit    # the paper's Reddit task with DialoGPT-medium, on one GPU (README)
+    python alol.py --task hh        # the paper's Anthropic HH task with Qwen2.5-0.5B, on one GPU (README)
+    torchrun --standalone --nproc_per_node 2 alol.py    # data parallel: one process per GPU (gloo on CPU)
     python alol.py --help           # every setting, grouped
 """
 import argparse
