@@ -1457,13 +1457,17 @@ def code_fingerprint(fn) -> str:
     """sha256 of a function's source and, recursively, of the functions of its own module that it names and the
     data constants it reads (globals or closure cells): an edit to any of them changes it, an edit elsewhere in the
     file does not."""
-    if not isinstance(fn, types.FunctionType):  # a callable object: no source to follow, so never reused
+    fn = fn if isinstance(fn, types.FunctionType) else getattr(type(fn), "__call__", fn)  # a callable object: its code
+    if not isinstance(fn, types.FunctionType):  # a builtin or a partial: nothing to follow, so never reused
         return repr(fn)
     h, todo, seen = hashlib.sha256(), [fn], set()
     while todo:
         fn = todo.pop()
         seen.add(fn)
-        h.update(inspect.getsource(fn).encode())
+        try:
+            h.update(inspect.getsource(fn).encode())
+        except (OSError, TypeError):  # no source file (exec, some notebooks): the compiled code, stable across runs
+            h.update(repr((fn.__code__.co_code, fn.__code__.co_consts)).encode())
         scope = {**fn.__globals__, **dict(zip(fn.__code__.co_freevars, [c.cell_contents for c in fn.__closure__ or ()]))}
         codes, names = [fn.__code__], set()
         while codes:  # comprehensions and nested functions have code objects of their own

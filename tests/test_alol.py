@@ -510,3 +510,18 @@ def test_no_section_uses_a_later_one():
             if isinstance(name, ast.Name) and section < defined.get(name.id, 0) <= 9:
                 later.append(f"line {name.lineno}: {name.id} (section {defined[name.id]}) used in section {section}")
     assert later == []
+
+
+def test_code_fingerprint_of_functions_without_a_source_file_and_of_callable_objects():
+    """Stable for the same code (a cache or a --resume fingerprint must match next time), different for other code."""
+    made = [{} for _ in range(3)]
+    for ns, body in zip(made, ["0.5", "0.5", "0.25"]):
+        exec(f"import torch\ndef score(p, r):\n    return {{'a': torch.full((len(r),), {body})}}\n", ns)
+    keys = [alol.code_fingerprint(ns["score"]) for ns in made]
+    assert keys[0] == keys[1] != keys[2]
+
+    class Scorer:
+        def __call__(self, prompts, responses):
+            return {"a": torch.zeros(len(responses))}
+
+    assert alol.code_fingerprint(Scorer()) == alol.code_fingerprint(Scorer()) != keys[0]
