@@ -1,17 +1,18 @@
-"""Exact, memory-light log-probs and the fused A-LoL sequence loss.
+"""Exact, memory-light token log-probs: the fused log-prob kernels of the A-LoL loss.
 
     token_logprobs(logits, targets, mask)                  -> fp32 [B, T] log-probs, from logits
     linear_token_logprobs(hidden, weight, targets, mask)   -> fp32 [B, T] log-probs, LM head fused in
-    alol_sequence_loss(targets, mask, ref_seq_logp, advantage, logits=... | hidden=..., weight=...)
-    alol_loss_from_seq_logp(seq_logp, ref_seq_logp, advantage)
+
+The loss itself lives in one place, alol.py's `alol_loss(logp, ref_logp, mask, reward, value, algo, clip_eps)`,
+which takes these token log-probs; nothing here repeats it.
 
 Convention: targets[b, t] is the token scored by logits[b, t] (or hidden[b, t]); the caller shifts
 (`hidden[:, :-1]` with `ids[:, 1:]`). Only positions with mask != 0 are computed: they are compacted first, so
 prompt and padding tokens cost no FLOPs, and their logits, hidden states and targets are never read.
 
-Log-sum-exp, log-probs, sequence sums and ratios are fp32 whatever the input dtype (fp32, fp16, bf16): in the
-kernel chapter's example (tutorial.md, T = 128) bf16 logits put an 18 % error into exp(S - S_ref), almost the
-whole clip range at eps = 0.2.
+Log-sum-exp and log-probs are fp32 whatever the input dtype (fp32, fp16, bf16), so the sequence sums and ratios
+alol_loss forms from them are fp32 too: in the kernel chapter's example (tutorial.md, T = 128) bf16 logits put an
+18 % error into exp(S - S_ref), almost the whole clip range at eps = 0.2.
 
 Backends: `backend=None` reads ALOL_KERNEL_BACKEND (default "auto").
     auto   - Triton for CUDA tensors; the Triton interpreter if TRITON_INTERPRET=1; else the chunked PyTorch path
@@ -19,7 +20,6 @@ Backends: `backend=None` reads ALOL_KERNEL_BACKEND (default "auto").
     triton - the Triton kernels (kernels/triton_ops.py); an error if triton is missing or cannot run here
 The package imports without triton.
 """
-import math
 import os
 
 import torch
@@ -31,10 +31,9 @@ try:
 except ImportError:  # triton not installed: the PyTorch path still works
     triton_ops = None
 
-__all__ = ["token_logprobs", "linear_token_logprobs", "alol_sequence_loss", "alol_loss_from_seq_logp"]
+__all__ = ["token_logprobs", "linear_token_logprobs"]
 
 BACKENDS = ("auto", "torch", "triton")
-NO_CLIP_LOG_RATIO = 20.0  # |log ratio| bound when clip_eps is None: exp(20) ~ 5e8 cannot overflow fp32
 
 
 def _ops(backend, x):
@@ -107,47 +106,3 @@ def linear_token_logprobs(hidden, weight, targets, mask, bias=None, backend=None
         logp = ops.linear_logprobs(h, weight, bias, y)
     return _scatter(logp, b_idx, t_idx, mask.shape)
 
-
-def alol_loss_from_seq_logp(seq_logp, ref_seq_logp, advantage, clip_eps=0.9, return_stats=False):
-    """The A-LoL loss from sequence log-probs (Baheti et al., ICLR 2024, arXiv 2305.14718).
-
-    Formula:  loss = -(1/B) sum_b sg[w_b] * A+_b * S_b,   w_b = clip(exp(S_b - Sref_b), 1 - eps, 1 + eps)
-    Where:    S_b = sum_t m_bt log pi_theta(y_t | x, y_<t) (seq_logp, with grad), Sref_b the same under the
-              frozen reference, A+_b = max(advantage_b, 0), sg = stop-gradient (official semantics).
-    The log-ratio is clamped before exp: to [log(1-eps), log(1+eps)] for eps < 1 (the same values as clipping
-    the ratio), to (-inf, log(1+eps)] for eps >= 1, to +-20 for clip_eps=None (no clip). Shapes: [B] each.
-    return_stats adds {"ratio": mean w, "clip_frac": fraction of clamped log-ratios, "seq_logp": mean S}.
-    """
-    if clip_eps is not None and clip_eps <= 0:
-        raise ValueError("clip_eps must be > 0, or None for no clipping")
-    if clip_eps is None:
-        lo, hi = -NO_CLIP_LOG_RATIO, NO_CLIP_LOG_RATIO
-    else:
-        lo, hi = (math.log(1 - clip_eps) if clip_eps < 1 else -math.inf), math.log1p(clip_eps)
-    log_ratio = (seq_logp.detach() - ref_seq_logp.detach()).float()  # (B,)
-    weight = log_ratio.clamp(lo, hi).exp()  # (B,) constant in autograd; finite, so A+ = 0 gives 0, not NaN
-    adv = advantage.detach().float().clamp(min=0)  # (B,) A+, a constant too
-    loss = -(weight * adv * seq_logp).mean()
-    if not return_stats:
-        return loss
-    clipped = (log_ratio < lo) | (log_ratio > hi)
-    stats = {"ratio": weight.mean().item(), "clip_frac": clipped.float().mean().item(),
-             "seq_logp": seq_logp.detach().mean().item()}
-    return loss, stats
-
-
-def alol_sequence_loss(targets, mask, ref_seq_logp, advantage, *, logits=None, hidden=None, weight=None, bias=None,
-                       clip_eps=0.9, backend=None, return_stats=False):
-    """The A-LoL loss straight from logits [B, T, V] or from the LM head's input (hidden [B, T, H], weight [V, H]).
-
-    S_b = sum_t mask_bt * log p(targets_bt) (fp32, targets[b, t] scored by position t: the caller shifts), then
-    alol_loss_from_seq_logp(S, ref_seq_logp, advantage, clip_eps): -(1/B) sum_b sg[clip(exp(S_b - Sref_b))] *
-    max(A_b, 0) * S_b. One backward; gradients reach logits, or hidden, weight and bias.
-    """
-    if (logits is None) == (hidden is None) or (hidden is not None and weight is None):
-        raise ValueError("pass either logits, or hidden and weight")
-    if logits is not None:
-        logp = token_logprobs(logits, targets, mask, backend=backend)
-    else:
-        logp = linear_token_logprobs(hidden, weight, targets, mask, bias=bias, backend=backend)
-    return alol_loss_from_seq_logp(logp.sum(dim=1), ref_seq_logp, advantage, clip_eps, return_stats)

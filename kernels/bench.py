@@ -5,11 +5,14 @@
     python -m kernels.bench --dtype bf16    # one input dtype (default: bf16 on CUDA; fp32 and bf16 on CPU, bf16
                                             # only where the CPU has bf16 units)
 
-Providers (all give the same loss; each gets hidden [B, T, H] and the head weight [V, H] with requires_grad):
-  naive         the official code's way: logits = h @ W.T for every position, fp32 log_softmax, gather, masked sum
-  torch         kernels.alol_sequence_loss(..., backend="torch"): compaction + chunked online log-sum-exp
-  triton-logits (CUDA) logits by cuBLAS, then the Triton logits kernels
-  triton-linear (CUDA) the fused linear Triton kernels
+Providers differ only in how they get the token log-probs [B, T]; every one then computes the same loss with the one
+copy of it, alol.py's alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.2) (so run this from
+the repository root, where alol.py is). Each gets hidden [B, T, H] and the head weight [V, H] with requires_grad:
+  naive         the official code's way: logits = h @ W.T for every position, fp32 log_softmax, gather (then
+                alol_loss's masked sum)
+  torch         kernels.linear_token_logprobs(..., backend="torch"): compaction + chunked online log-sum-exp
+  triton-logits (CUDA) logits by cuBLAS, then kernels.token_logprobs(..., backend="triton")
+  triton-linear (CUDA) kernels.linear_token_logprobs(..., backend="triton"), the fused linear Triton kernels
   liger, cce    (CUDA, if installed) Liger-Kernel's fused linear cross-entropy / Apple's Cut Cross-Entropy,
                 per-token with reduction="none", masked positions as ignore_index
 
@@ -34,42 +37,48 @@ import time
 
 import torch
 
+import alol  # the loss (alol_loss); python -m kernels.bench runs from the repository root, where alol.py is
 import kernels
 
 H100_TFLOPS = 798.0
 
 
-def naive_loss(hidden, weight, targets, mask, ref, adv, eps):
+def a_lol(logp, mask, ref_logp, reward, value, eps):
+    """The loss every provider times after its log-probs: alol.py's alol_loss, algo "a_lol"."""
+    return alol.alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=eps)
+
+
+def naive_loss(hidden, weight, targets, mask, ref_logp, reward, value, eps):
     logits = hidden @ weight.T  # [B, T, V] for every position, prompt and padding included
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    return kernels.alol_loss_from_seq_logp((logp * mask).sum(dim=1), ref, adv, eps)
+    return a_lol(logp, mask, ref_logp, reward, value, eps)  # alol_loss zeroes the positions outside the mask
 
 
 def kernel_loss(backend):
-    def loss(hidden, weight, targets, mask, ref, adv, eps):
-        return kernels.alol_sequence_loss(targets, mask, ref, adv, hidden=hidden, weight=weight, clip_eps=eps,
-                                          backend=backend)
+    def loss(hidden, weight, targets, mask, ref_logp, reward, value, eps):
+        logp = kernels.linear_token_logprobs(hidden, weight, targets, mask, backend=backend)
+        return a_lol(logp, mask, ref_logp, reward, value, eps)
     return loss
 
 
-def triton_logits_loss(hidden, weight, targets, mask, ref, adv, eps):
-    return kernels.alol_sequence_loss(targets, mask, ref, adv, logits=hidden @ weight.T, clip_eps=eps,
-                                      backend="triton")
+def triton_logits_loss(hidden, weight, targets, mask, ref_logp, reward, value, eps):
+    logp = kernels.token_logprobs(hidden @ weight.T, targets, mask, backend="triton")
+    return a_lol(logp, mask, ref_logp, reward, value, eps)
 
 
-def liger_loss(hidden, weight, targets, mask, ref, adv, eps):
+def liger_loss(hidden, weight, targets, mask, ref_logp, reward, value, eps):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     nll = LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden.flatten(0, 1),
                                                              targets.masked_fill(mask == 0, -100).flatten())
-    return kernels.alol_loss_from_seq_logp(-nll.float().view(mask.shape).sum(dim=1), ref, adv, eps)
+    return a_lol(-nll.float().view(mask.shape), mask, ref_logp, reward, value, eps)
 
 
-def cce_loss(hidden, weight, targets, mask, ref, adv, eps):
+def cce_loss(hidden, weight, targets, mask, ref_logp, reward, value, eps):
     from cut_cross_entropy import linear_cross_entropy
 
     nll = linear_cross_entropy(hidden, weight, targets.masked_fill(mask == 0, -100), reduction="none")
-    return kernels.alol_loss_from_seq_logp(-nll.float().sum(dim=1), ref, adv, eps)
+    return a_lol(-nll.float(), mask, ref_logp, reward, value, eps)
 
 
 def providers(device):
@@ -96,10 +105,13 @@ def make_inputs(a, device, dtype):
     mask = torch.zeros(a.B, a.T, device=device)
     mask[:, a.T - round(a.frac * a.T):] = 1  # prompt first, then the response
     with torch.no_grad():
-        seq_logp = kernels.linear_token_logprobs(hidden, weight, targets, mask, backend="torch").sum(dim=1)
-    ref = seq_logp + 0.1 * torch.randn(a.B, device=device)  # ratios near 1, some clipped at eps = 0.2
-    adv = torch.randn(a.B, device=device)
-    return (hidden, weight, targets, mask, ref, adv, 0.2)
+        logp = kernels.linear_token_logprobs(hidden, weight, targets, mask, backend="torch")
+    # The reference's token log-probs: the policy's, with a log-ratio offset per sequence of std 0.1 spread evenly
+    # over its response tokens, so sequence ratios are near 1 and some are clipped at eps = 0.2
+    offset = 0.1 * torch.randn(a.B, device=device)
+    ref_logp = (logp + offset[:, None] / mask.sum(dim=1, keepdim=True).clamp(min=1)) * mask
+    reward, value = torch.randn(a.B, device=device), torch.zeros(a.B, device=device)  # advantage = reward - value
+    return (hidden, weight, targets, mask, ref_logp, reward, value, 0.2)
 
 
 def sync(device):

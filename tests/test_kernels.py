@@ -1,4 +1,5 @@
-"""kernels/: every backend against an fp64 reference written here, A-LoL properties, gradcheck.
+"""kernels/: every backend against an fp64 reference written here, the A-LoL loss on their log-probs (the one copy of
+it, alol.py's alol_loss, fed by the kernels), gradcheck.
 
 On a CPU the Triton kernels run under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before `kernels` is
 imported); only the CUDA section skips there.
@@ -11,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import alol
 import kernels
 from kernels import torch_ops, triton_ops
 
@@ -53,6 +55,22 @@ def ref_alol_loss(seq_logp, weight, adv):
     return -(weight.double() * adv.double().clamp(min=0) * seq_logp).mean()
 
 
+def a_lol(logp, ref_logp, mask, adv, clip_eps=0.9, return_stats=False):
+    """alol.alol_loss(algo="a_lol") with advantage adv: reward = adv, value = 0, so reward - value is adv exactly."""
+    return alol.alol_loss(logp, ref_logp, mask, adv, torch.zeros_like(adv), algo="a_lol", clip_eps=clip_eps,
+                          return_stats=return_stats)
+
+
+def spread(seq_values, mask):
+    """[B] -> [B, T]: each row's value split evenly over its masked-in tokens, 0 elsewhere (and in a row without any).
+
+    alol_loss reads ref_logp only through sum_t m_bt (logp_bt - ref_logp_bt) = S_b - sum_t m_bt ref_logp_bt, so a
+    token-level ref_logp = spread(Sref, mask) is, for the loss, the same as a sequence-level reference Sref_b; a fully
+    masked row's log-ratio is a sum of nothing, exactly 0, whatever Sref_b."""
+    n = (mask != 0).sum(1, keepdim=True).clamp(min=1)
+    return torch.where(mask != 0, seq_values[:, None] / n, torch.zeros((), dtype=seq_values.dtype))
+
+
 def make_case(B, T, H, V, dtype=torch.float32, seed=0, bias=True, masked_row=True):
     """Random hidden/weight/bias/targets/mask, rounded to dtype; targets at 0, V-1 and block edges; logits std ~2."""
     g = torch.Generator().manual_seed(seed)
@@ -78,11 +96,25 @@ def leaf(x, dtype=None):
 
 
 def seq_logp_error_bound(ref_logp, mask):
-    """Bound on |S_b - S_b exact| for S_b = sum_t logp_bt summed by the kernels in fp32 over the row: each masked-in
-    token errs by at most LOGP_ATOL, and an fp32 sum of T terms in any order errs by at most (T - 1) u sum_t |x_t|
-    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 4.4). Worst case: no cancellation assumed."""
+    """Bound on |c_b S_b - c_b S_b exact| / c_b, where alol_loss forms c_b S_b as the fp32 row sum of c_b * logp_bt
+    (c_b = w_b A+_b) over the kernels' fp32 log-probs: each masked-in token errs by at most LOGP_ATOL; each product
+    c_b * logp_bt is rounded once, by u |c_b logp_bt|; and an fp32 sum of T terms in any order errs by at most
+    (T - 1) u sum_t |x_t| (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 4.4). Together
+    n_b LOGP_ATOL + T u sum_t |logp_bt|: T u, not the (T - 1) u of a plain sum of log-probs, for the one rounding
+    per product. Worst case: no cancellation assumed."""
     T = mask.shape[1]
-    return (mask != 0).sum(1) * LOGP_ATOL + (T - 1) * U32 * ref_logp.abs().sum(1)
+    return (mask != 0).sum(1) * LOGP_ATOL + T * U32 * ref_logp.abs().sum(1)
+
+
+def log_ratio_error_bound(ref_diff, mask):
+    """Bound on |lr_b - lr_b exact| for alol_loss's log-ratio lr_b = sum_t (logp_bt - ref_logp_bt), summed in fp32
+    from the kernels' log-probs and an fp32 ref_logp that the fp64 reference reads too (so ref_logp carries no
+    error): each logp_bt errs by at most LOGP_ATOL, each difference d_bt is rounded once (u |d_bt|), and the fp32 row
+    sum errs by at most (T - 1) u sum_t |d_bt| (eq. 4.4). Together n_b LOGP_ATOL + T u sum_t |d_bt|, with the
+    computed |d_bt| at most |exact d_bt| + LOGP_ATOL. ref_diff = exact logp - ref_logp, [B, T], 0 outside the mask.
+    The differences are small (the log-ratio spread over the row), so the T u term is far below S_b's."""
+    T, m = mask.shape[1], mask != 0
+    return m.sum(1) * LOGP_ATOL + T * U32 * (ref_diff.abs() + LOGP_ATOL * m).sum(1)
 
 
 def assert_grad_close(got, ref, dtype, rtol=None):
@@ -135,10 +167,11 @@ def test_linear_token_logprobs_matches_fp64(shape, dtype, backend):
 
 
 def seq_offsets_case(dtype):
-    """B=4 with sequence 1 fully masked; log-ratios S - Sref of -1, 0.5, 0.1, 1 put sequences 0 and 3 outside the
-    clip range [log 0.8, log 1.2] (eps = 0.2), sequence 2 inside."""
+    """B=4 with sequence 1 fully masked; log-ratios S - Sref of -1, 0, 0.1, 1 put sequences 0 and 3 outside the
+    clip range [log 0.8, log 1.2] (eps = 0.2), sequences 1 and 2 inside. Sequence 1 has no response token: its
+    token-level log-ratio is a sum of nothing, exactly 0, so its offset is 0."""
     hidden, weight, bias, targets, mask = make_case(4, 47, 31, 123, dtype)
-    offsets = torch.tensor([-1.0, 0.5, 0.1, 1.0], dtype=torch.float64)
+    offsets = torch.tensor([-1.0, 0.0, 0.1, 1.0], dtype=torch.float64)
     adv = torch.tensor([0.7, 2.0, 1.3, 0.9])
     return hidden, weight, bias, targets, mask, offsets, adv
 
@@ -146,42 +179,49 @@ def seq_offsets_case(dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source", ["logits", "hidden"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_alol_sequence_loss_matches_fp64(dtype, source, backend):
+def test_alol_loss_on_kernel_logprobs_matches_fp64(dtype, source, backend):
+    """The kernels' log-probs, then alol_loss(algo="a_lol"), against the same loss on fp64 log-probs."""
     hidden, weight, bias, targets, mask, offsets, adv = seq_offsets_case(dtype)
     eps = 0.2
     if source == "logits":
-        logits = leaf(logits_of(hidden, weight, bias))
-        params, ref_params = [logits], [leaf(logits, torch.float64)]
+        params = [leaf(logits_of(hidden, weight, bias))]
+        ref_params = [leaf(params[0], torch.float64)]
         ref_logp = ref_token_logprobs(ref_params[0], targets, mask)
-        seq_logp = kernels.token_logprobs(logits.detach(), targets, mask, backend=backend).sum(1)
+        logp = kernels.token_logprobs(params[0], targets, mask, backend=backend)
     else:
         params = [leaf(hidden), leaf(weight), leaf(bias)]
         ref_params = [leaf(p, torch.float64) for p in params]
         ref_logp = ref_token_logprobs(logits_of(*ref_params), targets, mask)
-        seq_logp = kernels.linear_token_logprobs(*[p.detach() for p in params[:2]], targets, mask,
-                                                 bias=bias, backend=backend).sum(1)
+        logp = kernels.linear_token_logprobs(params[0], params[1], targets, mask, bias=params[2], backend=backend)
     s_ref = ref_logp.sum(1)
-    ref_seq_logp = (s_ref.detach() - offsets).float()
-    kw = dict(logits=params[0]) if source == "logits" else dict(hidden=params[0], weight=params[1], bias=params[2])
-    loss, stats = kernels.alol_sequence_loss(targets, mask, ref_seq_logp, adv, clip_eps=eps, backend=backend,
-                                             return_stats=True, **kw)
-    log_ratio = s_ref.detach() - ref_seq_logp.double()
-    weights = torch.exp(log_ratio).clamp(1 - eps, 1 + eps)  # ~[0.8, 1.2, e^0.1, 1.2]
+    # The reference policy's token log-probs: the exact ones minus each row's offset spread over its response tokens
+    # (spread()), so Sref_b = S_b - offset_b; rounded to fp32, and the fp64 reference reads the same rounded values.
+    ref_tokens = (ref_logp.detach() - spread(offsets, mask)).float()
+    loss, stats = a_lol(logp, ref_tokens, mask, adv, clip_eps=eps, return_stats=True)
+    log_ratio = s_ref.detach() - ref_tokens.double().sum(1)  # = offsets, up to the rounding of ref_tokens
+    weights = torch.exp(log_ratio).clamp(1 - eps, 1 + eps)  # ~[0.8, 1, e^0.1, 1.2]
     inside = (log_ratio > math.log(1 - eps)) & (log_ratio < math.log(1 + eps))
-    assert inside.tolist() == [False, False, True, False]  # offsets far from the edges: the clip decisions are exact
+    assert inside.tolist() == [False, True, True, False]  # offsets far from the edges: the clip decisions are exact
     ref = ref_alol_loss(s_ref, weights, adv)
-    # The kernels' S_b is within ds_b of the exact one; w_b = exp(S_b - Sref_b) follows it inside the clip range,
-    # so loss = -(1/B) sum_b w_b A+_b S_b moves by at most (1/B) sum_b A+_b w_b (1 + |S_b| [inside]) ds_b, plus the
-    # fp32 rounding of its own few operations (16 u |loss|).
+    # alol_loss sums c_b * logp_bt over the row, c_b = w_b A+_b: within c_b ds_b of c_b S_b exact
+    # (seq_logp_error_bound). w_b = exp(lr_b) follows its log-ratio lr_b = sum_t (logp_bt - ref_bt) inside the clip
+    # range, and lr_b is within dlr_b of the exact one (log_ratio_error_bound). So the loss
+    # -(1/B) sum_b w_b A+_b S_b moves by at most (1/B) sum_b A+_b w_b (ds_b + |S_b| dlr_b [inside]), plus the fp32
+    # rounding of its own few operations (exp, products, mean: 16 u |loss|). The sequence-level copy of the loss that
+    # kernels/ used to carry formed S_b - Sref_b, a difference of two row sums, so ds_b stood in for dlr_b there;
+    # alol_loss sums the small token differences instead (here dlr_b < ds_b).
     ds = seq_logp_error_bound(ref_logp.detach(), mask)
-    loss_bound = (adv.double().clamp(min=0) * weights * (1 + s_ref.detach().abs() * inside) * ds).mean()
+    dlr = log_ratio_error_bound(ref_logp.detach() - ref_tokens.double(), mask)
+    loss_bound = (adv.double().clamp(min=0) * weights * (ds + s_ref.detach().abs() * dlr * inside)).mean()
     assert abs(loss.item() - ref.item()) <= loss_bound.item() + 16 * U32 * abs(ref.item())
-    assert stats["clip_frac"] == pytest.approx(3 / 4)  # only sequence 2 is inside
-    ratio_bound = (weights * inside * ds).mean().item() + 16 * U32 * weights.mean().item()
+    assert stats["clip_frac"] == pytest.approx(2 / 4)  # sequences 0 and 3
+    ratio_bound = (weights * inside * dlr).mean().item() + 16 * U32 * weights.mean().item()
     assert abs(stats["ratio"] - weights.mean().item()) <= ratio_bound
-    # The gradient takes w_b as a constant (detached), computed from the kernels' own S_b: the fp64 reference uses
-    # the same constants, so only the log-probs' gradients are compared.
-    kernel_weights = torch.exp(seq_logp.double() - ref_seq_logp.double()).clamp(1 - eps, 1 + eps)
+    # The gradient takes w_b as a constant (detached), computed from the kernels' own log-probs: the fp64 reference
+    # uses the same constants (the fp32 log-ratio formed as alol_loss forms it), so only the log-probs' gradients
+    # are compared.
+    kernel_log_ratio = (logp.detach() - ref_tokens).sum(1).double()
+    kernel_weights = kernel_log_ratio.clamp(math.log(1 - eps), math.log1p(eps)).exp()
     (3.7 * loss).backward()  # grad_output != 1
     (3.7 * ref_alol_loss(s_ref, kernel_weights, adv)).backward()
     for got, want in zip(params, ref_params):
@@ -189,48 +229,58 @@ def test_alol_sequence_loss_matches_fp64(dtype, source, backend):
 
 
 def test_alol_test_vectors():
-    """The hand-computed A-LoL vectors (tests/test_alol.py), fed through per-token logits: with V = 2, logits (a, 0) and target 0 give
-    log p = -log(1 + e^-a), so a = log(p / (1 - p)) reproduces any token log-prob."""
+    """The hand-computed A-LoL vectors (tests/test_alol.py), fed through per-token logits and the kernels into
+    alol_loss: with V = 2, logits (a, 0) and target 0 give log p = -log(1 + e^-a), so a = log(p / (1 - p))
+    reproduces any token log-prob."""
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, -5.0], [-2.0, -1.0, -1.0]], dtype=torch.float64)
     ref_logp = torch.tensor([[-1.2, -2.5, -0.4], [-1.5, -2.0, -0.7], [-1.0, -1.0, -1.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
-    adv = torch.tensor([3.2, 2.0, 1.0]) - torch.tensor([2.9, 1.5, 1.8])
+    reward, value = torch.tensor([3.2, 2.0, 1.0]), torch.tensor([2.9, 1.5, 1.8])
     p = logp.exp()
     logits = torch.stack([torch.log(p / (1 - p)), torch.zeros_like(p)], dim=-1).float()  # [3, 3, 2]
     targets = torch.zeros(3, 3, dtype=torch.long)
-    ref_seq_logp = (ref_logp * mask).sum(1)
+    # d loss / d logp_bt = -w_b A+_b / B on the response tokens: at eps = 0.9, row 0 is -1.822119 * 0.3 / 3, row 1
+    # -1.9 * 0.5 / 3 (clipped), row 2 0 (A+ = 0). d logp_bt / d a_bt = 1 - p_bt, and d logp_bt / d (logit 1) is minus
+    # that, so the logits' gradient is (+-) d loss / d logp_bt * (1 - p_bt).
+    dlogp = torch.tensor([-0.182212, -0.316667, 0.0], dtype=torch.float64)[:, None] * mask
+    want_grad = torch.stack([dlogp * (1 - p), -dlogp * (1 - p)], dim=-1)
     for backend in ["torch"] + (["triton"] if triton_ops and triton_ops.INTERPRET else []):
         for eps, expected in [(0.9, 1.049408), (0.2, 0.680000), (None, 2.593161)]:
-            from_logits = kernels.alol_sequence_loss(targets, mask, ref_seq_logp, adv, logits=logits, clip_eps=eps,
-                                                     backend=backend)
+            z, h = leaf(logits), leaf(logits)
+            from_logits = alol.alol_loss(kernels.token_logprobs(z, targets, mask, backend=backend), ref_logp, mask,
+                                         reward, value, algo="a_lol", clip_eps=eps)
             # hidden = logits and an identity head give the same logits through the fused linear path
-            from_hidden = kernels.alol_sequence_loss(targets, mask, ref_seq_logp, adv, hidden=logits,
-                                                     weight=torch.eye(2), clip_eps=eps, backend=backend)
+            from_hidden = alol.alol_loss(kernels.linear_token_logprobs(h, torch.eye(2), targets, mask,
+                                                                       backend=backend),
+                                         ref_logp, mask, reward, value, algo="a_lol", clip_eps=eps)
             assert from_logits.item() == pytest.approx(expected, abs=2e-6)
             assert from_hidden.item() == pytest.approx(expected, abs=2e-6)
-    # d loss / d S_b = -w_b A+_b / B: row 0 at eps = 0.9 is -1.822119 * 0.3 / 3
-    seq_logp = (logp * mask).sum(1).requires_grad_()
-    kernels.alol_loss_from_seq_logp(seq_logp, ref_seq_logp, adv, clip_eps=0.9).backward()
-    torch.testing.assert_close(seq_logp.grad, torch.tensor([-0.182212, -0.316667, 0.0], dtype=torch.float64),
-                               rtol=0, atol=1e-6)
+            if eps == 0.9:
+                from_logits.backward()
+                from_hidden.backward()
+                for got in (z.grad, h.grad):
+                    torch.testing.assert_close(got.double(), want_grad, rtol=0, atol=1e-6)
 
 
 # ---- properties ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source", ["logits", "hidden"])
 def test_weight_is_one_at_the_reference(source, backend):
-    """theta = ref: every ratio is exactly 1 and the loss is -mean(A+ * S)."""
+    """theta = ref: the reference's token log-probs, from a separate no-grad call as a frozen reference's are, equal
+    the policy's bit for bit, so every ratio is exactly 1 and the loss is -mean(A+ * S)."""
     hidden, weight, _, targets, mask = make_case(3, 17, 72, 1000, bias=False, masked_row=False)
     adv = torch.tensor([0.5, -1.0, 2.0])
     h, w = leaf(hidden), leaf(weight)
     logits = leaf(logits_of(hidden, weight, None))
-    kw = dict(logits=logits) if source == "logits" else dict(hidden=h, weight=w)
-    s = (kernels.token_logprobs(logits, targets, mask, backend=backend) if source == "logits" else
-         kernels.linear_token_logprobs(h, w, targets, mask, backend=backend)).sum(1)
-    loss, stats = kernels.alol_sequence_loss(targets, mask, s.detach(), adv, clip_eps=0.2, backend=backend,
-                                             return_stats=True, **kw)
+    token_fn, inputs = ((kernels.token_logprobs, (logits,)) if source == "logits" else
+                        (kernels.linear_token_logprobs, (h, w)))
+    with torch.no_grad():
+        ref_logp = token_fn(*inputs, targets, mask, backend=backend)
+    logp = token_fn(*inputs, targets, mask, backend=backend)
+    loss, stats = a_lol(logp, ref_logp, mask, adv, clip_eps=0.2, return_stats=True)
     assert stats["ratio"] == 1.0 and stats["clip_frac"] == 0.0
-    assert loss.item() == pytest.approx(-(adv.clamp(min=0) * s.detach()).mean().item(), rel=1e-6)
+    s = logp.detach().sum(1)  # S_b, the statistic alol_loss does not return
+    assert loss.item() == pytest.approx(-(adv.clamp(min=0) * s).mean().item(), rel=1e-6)
     loss.backward()
     if source == "logits":
         logits64 = leaf(logits, torch.float64)
@@ -249,7 +299,9 @@ def test_weight_is_one_at_the_reference(source, backend):
 def test_masked_positions_are_never_read(source, backend):
     """Garbage (NaN, huge values, out-of-range targets) at masked positions changes nothing; their gradient is 0."""
     hidden, weight, bias, targets, mask = make_case(3, 17, 72, 1000)
-    ref_seq_logp, adv = torch.tensor([-60.0, -1.0, -55.0]), torch.tensor([1.0, 1.0, 0.5])
+    # Sref_b = -60, -1, -55 spread over each row's response tokens (spread(): the same loss as a sequence-level
+    # reference; row 1 is fully masked, so its log-ratio is 0)
+    ref_logp, adv = spread(torch.tensor([-60.0, -1.0, -55.0]), mask), torch.tensor([1.0, 1.0, 0.5])
     results = []
     for garbage in [False, True]:
         h, z, t = hidden.clone(), logits_of(hidden, weight, bias), targets.clone()
@@ -260,11 +312,11 @@ def test_masked_positions_are_never_read(source, backend):
             t[~mask] = torch.randint(-200, 5000, (len(bad),))
         if source == "logits":
             params = [leaf(z)]
-            kw = dict(logits=params[0])
+            logp = kernels.token_logprobs(params[0], t, mask, backend=backend)
         else:
             params = [leaf(h), leaf(weight), leaf(bias)]
-            kw = dict(hidden=params[0], weight=params[1], bias=params[2])
-        loss = kernels.alol_sequence_loss(t, mask, ref_seq_logp, adv, clip_eps=0.9, backend=backend, **kw)
+            logp = kernels.linear_token_logprobs(params[0], params[1], t, mask, bias=params[2], backend=backend)
+        loss = a_lol(logp, ref_logp, mask, adv, clip_eps=0.9)
         loss.backward()
         results.append((loss, [p.grad for p in params]))
     (loss0, grads0), (loss1, grads1) = results
@@ -337,11 +389,12 @@ def test_torch_linear_chunks_in_low_precision(dtype):
 def test_nonpositive_advantage_gives_zero_loss_and_gradient(eps, source, backend):
     """A = 0 and A < 0 with log-ratios of +-1e4: the weights stay finite, so 0 * w is 0, never inf * 0 = NaN."""
     hidden, weight, bias, targets, mask = make_case(3, 17, 72, 1000, masked_row=False)
-    ref_seq_logp = torch.tensor([1e4, -1e4, 0.0])
+    ref_logp = spread(torch.tensor([1e4, -1e4, 0.0]), mask)  # Sref_b = 1e4, -1e4, 0 (spread(): same loss)
     adv = torch.tensor([0.0, -3.0, 0.0])
     params = [leaf(logits_of(hidden, weight, bias))] if source == "logits" else [leaf(hidden), leaf(weight), leaf(bias)]
-    kw = dict(logits=params[0]) if source == "logits" else dict(hidden=params[0], weight=params[1], bias=params[2])
-    loss = kernels.alol_sequence_loss(targets, mask, ref_seq_logp, adv, clip_eps=eps, backend=backend, **kw)
+    logp = (kernels.token_logprobs(params[0], targets, mask, backend=backend) if source == "logits" else
+            kernels.linear_token_logprobs(params[0], params[1], targets, mask, bias=params[2], backend=backend))
+    loss = a_lol(logp, ref_logp, mask, adv, clip_eps=eps)
     loss.backward()
     assert loss.item() == 0.0
     for p in params:
@@ -349,26 +402,34 @@ def test_nonpositive_advantage_gives_zero_loss_and_gradient(eps, source, backend
 
 
 def test_clip_modes():
-    """eps < 1: both bounds; eps >= 1: upper bound only; None: +-20 guard only; eps <= 0: error."""
-    seq_logp = torch.tensor([-10.0, -20.0, -30.0], dtype=torch.float64, requires_grad=True)
-    adv = torch.tensor([1.0, 2.0, 0.5])
+    """alol_loss's clip modes: eps < 1: both bounds; eps >= 1: upper bound only; None: +-20 guard only; eps <= 0:
+    error. A loss test, kept here because tests/test_alol.py does not cover all of it: its vectors check eps = 0.2,
+    0.9 and None inside the guard, test_loss_ratio_guards eps = 0 and clip_frac = 1; not the missing lower bound at
+    eps >= 1, the weights exactly at +-20, or the clip fraction of a mixed batch."""
+    # S_b = -10, -20, -30 over two tokens; row 2's second token is outside the mask and holds garbage
+    logp = torch.tensor([[-4.0, -6.0], [-15.0, -5.0], [-30.0, 123.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0]])
+    seq_logp = (logp.detach() * mask).sum(1)
+    adv = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     for eps, log_ratio, weight, clip_frac in [
         (0.2, [-1.0, 0.1, 1.0], [0.8, math.exp(0.1), 1.2], 2 / 3),
         (1.5, [-3.0, 0.5, 2.0], [math.exp(-3.0), math.exp(0.5), 2.5], 1 / 3),
         (None, [-30.0, 0.3, 30.0], [math.exp(-20.0), math.exp(0.3), math.exp(20.0)], 2 / 3),
     ]:
-        seq_logp.grad = None
-        ref_seq_logp = seq_logp.detach() - torch.tensor(log_ratio, dtype=torch.float64)
-        loss, stats = kernels.alol_loss_from_seq_logp(seq_logp, ref_seq_logp, adv, clip_eps=eps, return_stats=True)
+        logp.grad = None
+        # Sref_b = S_b - log_ratio_b, as token log-probs: the log-ratio spread over the row's response tokens
+        lr = torch.tensor(log_ratio, dtype=torch.float64)
+        ref_logp = torch.where(mask != 0, logp.detach(), torch.nan) - spread(lr, mask)
+        loss, stats = a_lol(logp, ref_logp, mask, adv, clip_eps=eps, return_stats=True)
         loss.backward()
         w = torch.tensor(weight, dtype=torch.float64)
-        assert loss.item() == pytest.approx(-(w * adv * seq_logp.detach()).mean().item(), rel=1e-6)
-        torch.testing.assert_close(seq_logp.grad, -w * adv / 3, rtol=1e-6, atol=0)
+        assert loss.item() == pytest.approx(-(w * adv * seq_logp).mean().item(), rel=1e-6)
+        torch.testing.assert_close(logp.grad, (-w * adv / 3)[:, None] * mask, rtol=1e-6, atol=0)
         assert stats["clip_frac"] == pytest.approx(clip_frac)
-        assert stats["seq_logp"] == pytest.approx(-20.0)
+        assert stats["ratio"] == pytest.approx(w.mean().item(), rel=1e-6)
     for eps in [0.0, -0.1]:
         with pytest.raises(ValueError):
-            kernels.alol_loss_from_seq_logp(seq_logp, ref_seq_logp, adv, clip_eps=eps)
+            a_lol(logp, ref_logp, mask, adv, clip_eps=eps)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -403,11 +464,10 @@ def test_fully_masked_batch(source, backend):
     hidden, weight, bias, targets, _ = make_case(3, 17, 72, 1000)
     mask = torch.zeros(3, 17, dtype=torch.int64)
     params = [leaf(logits_of(hidden, weight, bias))] if source == "logits" else [leaf(hidden), leaf(weight), leaf(bias)]
-    kw = dict(logits=params[0]) if source == "logits" else dict(hidden=params[0], weight=params[1], bias=params[2])
-    token_fn = kernels.token_logprobs if source == "logits" else kernels.linear_token_logprobs
-    logp = token_fn(*params[:1 if source == "logits" else 2], targets, mask, backend=backend)
+    logp = (kernels.token_logprobs(params[0], targets, mask, backend=backend) if source == "logits" else
+            kernels.linear_token_logprobs(params[0], params[1], targets, mask, bias=params[2], backend=backend))
     assert torch.equal(logp, torch.zeros(3, 17))
-    loss = kernels.alol_sequence_loss(targets, mask, torch.zeros(3), torch.ones(3), backend=backend, **kw)
+    loss = a_lol(logp, torch.zeros(3, 17), mask, torch.ones(3))  # clip_eps 0.9, alol_loss's default
     loss.backward()
     assert loss.item() == 0.0
     for p in params:
@@ -508,15 +568,17 @@ def test_gradcheck_torch_path():
         lambda *p: kernels.linear_token_logprobs(*p[:2], targets, mask, bias=p[2], backend="torch"), (h, w, b))
     # The weight is detached, so the loss's gradient is its true gradient only where the weight is locally
     # constant: log-ratios clipped at both ends (eps = 0.2) or beyond the +-20 guard (eps = None).
-    s = ref_token_logprobs(logits, targets, mask).sum(1).detach()
-    adv = torch.tensor([0.5, 1.5])
+    # The reference's token log-probs are the policy's minus each row's offset spread over its response tokens
+    # (spread(): the same loss as the sequence-level Sref_b = S_b - offset_b).
+    token_logp = ref_token_logprobs(logits, targets, mask).detach()
+    adv = torch.tensor([0.5, 1.5], dtype=torch.float64)
     for eps, offsets in [(0.2, [-1.0, 1.0]), (None, [-25.0, 25.0])]:
-        ref_seq_logp = s - torch.tensor(offsets, dtype=torch.float64)
-        assert torch.autograd.gradcheck(lambda z: kernels.alol_sequence_loss(
-            targets, mask, ref_seq_logp, adv, logits=z, clip_eps=eps, backend="torch"), (logits,))
-        assert torch.autograd.gradcheck(lambda *p: kernels.alol_sequence_loss(
-            targets, mask, ref_seq_logp, adv, hidden=p[0], weight=p[1], bias=p[2], clip_eps=eps, backend="torch"),
-            (h, w, b))
+        ref_logp = token_logp - spread(torch.tensor(offsets, dtype=torch.float64), mask)
+        assert torch.autograd.gradcheck(lambda z: a_lol(
+            kernels.token_logprobs(z, targets, mask, backend="torch"), ref_logp, mask, adv, clip_eps=eps), (logits,))
+        assert torch.autograd.gradcheck(lambda *p: a_lol(
+            kernels.linear_token_logprobs(*p[:2], targets, mask, bias=p[2], backend="torch"), ref_logp, mask, adv,
+            clip_eps=eps), (h, w, b))
 
 
 # ---- backend selection -----------------------------------------------------------------------------------------
