@@ -11,3 +11,19 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_policy(path, args):
+    """A saved policy as alol.main loads one: dropout off, so log-prob passes are deterministic."""
+    import alol
+    import models
+
+    return alol.disable_dropout(models.load_policy(path, args))
+
+
+def run_cli(argv):
+    """`python alol.py ARGV` in this process: the exit code; errors go to stderr as one line."""
+    import alol
+    import cli
+
+    return cli.run(alol.main, alol.parse_args, argv)

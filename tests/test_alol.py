@@ -1,17 +1,26 @@
 """Tests of alol.py: the loss against hand-computed vectors, the invariances the pipeline relies on, the cache,
 sampling, resume, user-facing errors and a short end-to-end run. Everything runs on CPU with tiny models."""
 import ast
+import dataclasses
 import importlib
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import alol
+import caches
+import distributed
+import kernels
+import models
+import rundir
+import tasks.toy
+from conftest import load_policy
 
 # Computed by hand from a line-by-line transcription of the official loss code (tutorial.md, section 7):
 # inputs and the official losses, for eps = 0.9, 0.2 and None.
@@ -43,10 +52,10 @@ def toy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
     args = small_args(tmp)
     torch.manual_seed(0)
-    splits, _ = alol.toy_build(args)
-    tok = alol.bpe_tokenizer(splits["train"])
+    splits, _ = tasks.toy.load(args)
+    tok = models.bpe_tokenizer(splits["train"])
     tok.padding_side = tok.truncation_side = "left"
-    model = alol.tiny_gpt2(tok, args)
+    model = models.tiny_gpt2(tok, args)
     assert model.config.resid_pdrop > 0  # so that the dropout-off tests mean something
     model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
@@ -141,7 +150,7 @@ def test_prompt_left_truncated_response_right_truncated(toy):
 def test_padding_invariance(toy):
     """One example alone gives the same summed log-prob as inside a right-padded batch of longer examples."""
     args, train = toy["args"], toy["train"]
-    policy = alol.load_policy(toy["path"], args)
+    policy = load_policy(toy["path"], args)
     lengths = train["attention_mask"].sum(1)
     short, longer = int(lengths.argmin()), lengths.argsort(descending=True)[:3].tolist()
     with torch.no_grad():
@@ -154,7 +163,7 @@ def test_padding_invariance(toy):
 def test_ratio_is_one_at_step_zero_with_dropout_off(toy):
     """theta = ref: in train mode with dropout disabled, rho = 1 exactly and the A-LoL loss is mean(A+ * S)."""
     args, train = toy["args"], toy["train"]
-    ref, policy = alol.load_policy(toy["path"], args).eval(), alol.load_policy(toy["path"], args).train()
+    ref, policy = load_policy(toy["path"], args).eval(), load_policy(toy["path"], args).train()
     batch = alol.take(train, torch.arange(16))
     with torch.no_grad():
         ref_logp = alol.token_logprobs(ref, batch, args)
@@ -180,15 +189,26 @@ class GradientRecorder:
             p.grad = None
 
 
+def forward(policy, args):
+    """train_step's forward(batch) -> token log-probs, as train_policy builds it."""
+    return distributed.data_parallel(policy, lambda model, batch: alol.token_logprobs(model, batch, args), args.device)
+
+
+def frozen_quantities(ref, tok, train, val, reward_fn, args):
+    """The frozen reference's quantities through the cache, as main computes them."""
+    return caches.frozen(ref, train, alol.encode(val, tok, args), reward_fn, args,
+                         lambda: alol.frozen_quantities(ref, tok, train, val, reward_fn, args))
+
+
 def test_gradient_accumulation_matches_one_big_batch(toy):
     args, train = toy["args"], toy["train"]
     frozen = {"ref_logp": torch.zeros(train["input_ids"].shape), "value": torch.full((len(train["reward"]),), 2.0)}
     grads = {}
     for batch_size, accum in ((8, 1), (1, 8), (2, 4)):
-        policy = alol.load_policy(toy["path"], args).train()
+        policy = load_policy(toy["path"], args).train()
         args_i = alol.Args(**{**vars(args), "batch_size": batch_size, "grad_accum": accum, "max_grad_norm": 1e9})
         optim = GradientRecorder(policy.parameters())
-        alol.train_step(alol.data_parallel(policy, args_i), optim, train, torch.arange(8), "a_lol", args_i, frozen)
+        alol.train_step(forward(policy, args_i), optim, train, torch.arange(8), "a_lol", args_i, frozen)
         grads[batch_size] = optim.grads
         assert all(p.grad is None for p in policy.parameters())  # zeroed for the next step
     assert grads[8].abs().sum() > 0
@@ -212,10 +232,10 @@ def test_value_head_ignores_padding():
 def test_frozen_quantities_cache(toy, tmp_path):
     args, train, tok = toy["args"], toy["train"], toy["tok"]
     args = alol.Args(**{**vars(args), "cache_dir": str(tmp_path)})
-    ref = alol.load_policy(toy["path"], args).eval()
-    first = alol.frozen_quantities(ref, tok, train, toy["splits"]["val"], alol.toy_reward, args)
+    ref = load_policy(toy["path"], args).eval()
+    first = frozen_quantities(ref, tok, train, toy["splits"]["val"], tasks.toy.toy_reward, args)
     assert len(os.listdir(tmp_path)) == 1
-    cached = alol.frozen_quantities(ref, tok, train, toy["splits"]["val"], alol.toy_reward, args)
+    cached = frozen_quantities(ref, tok, train, toy["splits"]["val"], tasks.toy.toy_reward, args)
     assert torch.equal(cached["ref_logp"], first["ref_logp"]) and torch.equal(cached["value"], first["value"])
     idx = torch.arange(0, len(train["reward"]), 7)
     with torch.no_grad():
@@ -224,10 +244,10 @@ def test_frozen_quantities_cache(toy, tmp_path):
     assert (cached["ref_logp"] != 0).sum() == train["response_mask"].sum()
     for setting, value in (("value_samples", 3), ("bf16", False)):  # V's data; the log-probs' precision on CUDA
         changed = alol.Args(**{**vars(args), setting: value})
-        assert alol.frozen_quantities(ref, tok, train, toy["splits"]["val"], alol.toy_reward, changed)["key"] != first["key"]
+        assert frozen_quantities(ref, tok, train, toy["splits"]["val"], tasks.toy.toy_reward, changed)["key"] != first["key"]
     with torch.no_grad():
         ref.transformer.wte.weight[0, 0] += 1.0  # a different reference model
-    assert alol.frozen_quantities(ref, tok, train, toy["splits"]["val"], alol.toy_reward, args)["key"] != first["key"]
+    assert frozen_quantities(ref, tok, train, toy["splits"]["val"], tasks.toy.toy_reward, args)["key"] != first["key"]
     assert len(os.listdir(tmp_path)) == 4
 
 
@@ -235,11 +255,11 @@ def test_cache_key_covers_the_batches_of_v_samples(toy, tmp_path, capsys):
     """V's targets are sampled in --eval-batch-size batches, so another batch size draws other samples: it must not
     get the V cached for the first one."""
     args, tok = alol.Args(**{**vars(toy["args"]), "cache_dir": str(tmp_path)}), toy["tok"]
-    ref = alol.load_policy(toy["path"], args).eval()
+    ref = load_policy(toy["path"], args).eval()
     train, val = alol.take(toy["train"], torch.arange(24)), toy["splits"]["val"][:20]
-    first = alol.frozen_quantities(ref, tok, train, val, alol.toy_reward, args)
+    first = frozen_quantities(ref, tok, train, val, tasks.toy.toy_reward, args)
     small = alol.Args(**{**vars(args), "eval_batch_size": 7})
-    other = alol.frozen_quantities(ref, tok, train, val, alol.toy_reward, small)
+    other = frozen_quantities(ref, tok, train, val, tasks.toy.toy_reward, small)
     assert "computed and cached" in capsys.readouterr().out.splitlines()[-1]
     assert other["key"] != first["key"] and len(os.listdir(tmp_path)) == 2
     assert not torch.equal(other["value"], first["value"])  # what a shared key would have hidden
@@ -249,7 +269,7 @@ def test_cache_key_follows_the_reward_code_not_its_file(toy, tmp_path, monkeypat
     """An edit elsewhere in the reward function's file keeps the cache; an edit to the function, to a function it
     calls or to a constant it reads computes V anew."""
     args, tok = alol.Args(**{**vars(toy["args"]), "cache_dir": str(tmp_path / "cache")}), toy["tok"]
-    ref = alol.load_policy(toy["path"], args).eval()
+    ref = load_policy(toy["path"], args).eval()
     train, val = alol.take(toy["train"], torch.arange(24)), toy["splits"]["val"][:20]
     source = ("import torch\n\nSCALE = 0.5\n\n\ndef helper(r):\n    return SCALE * min(len(r.split()), 2) / 2\n\n\n"
               "def score(prompts, responses):\n    return {'short': torch.tensor([helper(r) for r in responses])}\n\n\n"
@@ -263,7 +283,7 @@ def test_cache_key_follows_the_reward_code_not_its_file(toy, tmp_path, monkeypat
         source = source.replace(old, new) if old else source
         module_path.write_text(source)
         module = importlib.reload(sys.modules["edited_rewards"]) if keys else importlib.import_module("edited_rewards")
-        keys.append(alol.frozen_quantities(ref, tok, train, val, module.score, args)["key"])
+        keys.append(frozen_quantities(ref, tok, train, val, module.score, args)["key"])
         assert ("loaded from cache" in capsys.readouterr().out) == (old == "return 1\n")
     assert keys[1] == keys[0] and len(set(keys)) == 3
 
@@ -292,7 +312,7 @@ def test_resume_reproduces_uninterrupted_weights(toy, tmp_path, monkeypatch):
     args, train, tok = toy["args"], toy["train"], toy["tok"]
     args = alol.Args(**{**vars(args), "save_every": 2, "batch_size": 16})
     data = {k: v[:64] for k, v in train.items()}
-    full = alol.load_policy(toy["path"], args)
+    full = load_policy(toy["path"], args)
     alol.train_policy(full, tok, data, "nll", str(tmp_path / "full"), args, 2, 1e-3)
 
     real, calls = alol.train_step, []
@@ -305,13 +325,13 @@ def test_resume_reproduces_uninterrupted_weights(toy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(alol, "train_step", crash_on_fifth_step)
     with pytest.raises(KeyboardInterrupt):
-        alol.train_policy(alol.load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "cut"), args, 2, 1e-3)
+        alol.train_policy(load_policy(toy["path"], args), tok, data, "nll", str(tmp_path / "cut"), args, 2, 1e-3)
     monkeypatch.setattr(alol, "train_step", real)
     assert torch.load(tmp_path / "cut" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 4
     with open(tmp_path / "cut" / "log.jsonl", "a") as log:
         log.write('{"step": 5, "lo')  # a line cut short by the kill
     resumed_args = alol.Args(**{**vars(args), "resume": True})
-    resumed = alol.load_policy(toy["path"], args)
+    resumed = load_policy(toy["path"], args)
     alol.train_policy(resumed, tok, data, "nll", str(tmp_path / "cut"), resumed_args, 2, 1e-3)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -367,25 +387,25 @@ def test_help_lists_every_setting(capsys):
         alol.parse_args(["--help"])
     out = capsys.readouterr().out
     assert exit.value.code == 0
-    for f in alol.fields(alol.Args):
+    for f in dataclasses.fields(alol.Args):
         assert "--" + f.name.replace("_", "-") in out
     assert "A-LoL training:" in out and "--no-priority-sampling" in out
 
 
 def test_out_dir_holding_another_run(tmp_path):
     args = small_args(tmp_path)
-    alol.prepare_out_dir(args, {})
+    rundir.prepare(args, {})
     with pytest.raises(alol.AlolError, match="already holds a different run .*seed.*--overwrite"):
-        alol.prepare_out_dir(small_args(tmp_path, "--seed", "5"), {})
+        rundir.prepare(small_args(tmp_path, "--seed", "5"), {})
     with pytest.raises(alol.AlolError, match="already holds this run; pass --resume"):
-        alol.prepare_out_dir(args, {})
-    alol.prepare_out_dir(small_args(tmp_path, "--resume", "--algo", "all"), {})  # adding methods to the same run is fine
-    alol.prepare_out_dir(small_args(tmp_path, "--seed", "5", "--overwrite"), {})
+        rundir.prepare(args, {})
+    rundir.prepare(small_args(tmp_path, "--resume", "--algo", "all"), {})  # adding methods to the same run is fine
+    rundir.prepare(small_args(tmp_path, "--seed", "5", "--overwrite"), {})
     assert json.load(open(tmp_path / "run" / "config.json"))["seed"] == 5
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(alol.AlolError, match="holds files that alol did not write"):
-        alol.prepare_out_dir(small_args(tmp_path, "--out-dir", str(tmp_path / "precious"), "--overwrite"), {})
+        rundir.prepare(small_args(tmp_path, "--out-dir", str(tmp_path / "precious"), "--overwrite"), {})
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
@@ -463,53 +483,47 @@ def test_lora_methods_on_the_reference_still_beat_nll(e2e):
     assert a_lol > nll + 0.5, (a_lol, nll)
     checkpoint = tmp_path / "lora" / "a_lol" / "checkpoint"
     assert (checkpoint / "adapter_model.safetensors").exists() and not (checkpoint / "model.safetensors").exists()
-    alol.load_policy(str(tmp_path / "lora" / "a_lol" / "model"), args)
+    load_policy(str(tmp_path / "lora" / "a_lol" / "model"), args)
 
 
-def test_fused_kernel_loss_equals_alol_loss():
-    """kernels.alol_sequence_loss (log-probs from the LM head, then the loss) = alol_loss(algo="a_lol") on its log-probs."""
-    torch.manual_seed(0)
-    hidden, weight = torch.randn(3, 9, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
-    targets, mask = torch.randint(0, 50, (3, 9)), torch.rand(3, 9) > 0.3
-    reward, value = torch.tensor([3.0, 1.0, 2.5], dtype=torch.float64), torch.tensor([2.0, 1.5, 0.5], dtype=torch.float64)
-    logp = alol.kernels.linear_token_logprobs(hidden, weight, targets, mask, backend="torch")
-    for eps, shift in ((0.9, 0.3), (0.2, -0.5), (None, 2.0)):
-        ref_seq = (logp.detach() * mask).sum(-1) + shift
-        ref_logp = torch.where(mask, logp.detach() + shift / mask.sum(-1, keepdim=True), 0.0)
-        ours = alol.alol_loss(logp, ref_logp, mask, reward, value, "a_lol", eps)
-        fused = alol.kernels.alol_sequence_loss(targets, mask, ref_seq, reward - value, hidden=hidden, weight=weight,
-                                                clip_eps=eps, backend="torch")
-        assert fused.item() == pytest.approx(ours.item(), rel=1e-6)
-
-
-# ---- the layout ----------------------------------------------------------------------------------------------------
-def test_no_section_uses_a_later_one():
-    """alol.py reads in the order it runs: sections 1-8 use only what earlier sections, or the trailing task recipes
-    and plumbing (10, 11), define; only main (9) brings everything together."""
+def test_no_definition_uses_a_later_one():
+    """alol.py reads top to bottom in the order it runs: no top-level definition (function, class, constant) names
+    one defined further down, in any section, main included; and its numbered sections are 1, 2, ... in order."""
     source = open(alol.__file__).read()
-    lines = source.splitlines()
-    starts = [i + 1 for i, line in enumerate(lines) if re.match(r"# \d+\. ", line)]  # line numbers of "# N. ..."
-    assert [int(lines[i - 1].split(".")[0][2:]) for i in starts] == list(range(1, 12))
-
-    def section_of_line(lineno):  # 0 for the imports before section 1
-        return sum(start < lineno for start in starts)
-
+    assert [int(n) for n in re.findall(r"^# (\d+)\. ", source, flags=re.M)] == list(range(1, 10))
     tree = ast.parse(source)
     defined = {}
     for node in tree.body:
         names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
             t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)]
-        defined.update({name: section_of_line(node.lineno) for name in names})
-    assert defined["alol_loss"] == 6 and defined["main"] == 9 and defined["hub_path"] == 11
-    later = []
-    for node in tree.body:
-        section = section_of_line(node.lineno)
-        if section in (9, 10, 11):
-            continue
-        for name in ast.walk(node):
-            if isinstance(name, ast.Name) and section < defined.get(name.id, 0) <= 9:
-                later.append(f"line {name.lineno}: {name.id} (section {defined[name.id]}) used in section {section}")
+        defined.update({name: node.lineno for name in names if name not in defined})
+    assert defined["alol_loss"] < defined["train_step"] < defined["main"]
+    later = [f"line {name.lineno}: {name.id} (defined at line {defined[name.id]})" for node in tree.body
+             for name in ast.walk(node) if isinstance(name, ast.Name) and defined.get(name.id, 0) > node.lineno]
     assert later == []
+
+
+def test_import_alol_only_defines():
+    """`import alol` builds no data, registers nothing with transformers and imports no task: a fresh interpreter
+    that imports it has none of these afterwards."""
+    code = ("import sys, transformers, alol, tasks; "
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+            "print(sorted(m for m in sys.modules if m.removeprefix('tasks.') in tasks.NAMES or m == 'reward_models'), "
+            "'gpt_neox_reward_model' in CONFIG_MAPPING)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(alol.__file__), capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[] False"
+
+
+def test_modules_never_import_alol():
+    """Imports run one way: alol.py imports tasks/ and the run machinery, neither of which imports alol.py."""
+    root = os.path.dirname(alol.__file__)
+    modules = [f for f in os.listdir(root) if f.endswith(".py") and f != "alol.py"]
+    modules += [os.path.join("tasks", f) for f in os.listdir(os.path.join(root, "tasks")) if f.endswith(".py")]
+    assert {"cli.py", "rundir.py", "checkpoints.py", "caches.py", os.path.join("tasks", "toy.py")} <= set(modules)
+    importers = [f for f in modules if re.search(r"^\s*(import alol\b|from alol import)",
+                                                  open(os.path.join(root, f)).read(), flags=re.M)]
+    assert importers == []
 
 
 def test_code_fingerprint_of_functions_without_a_source_file_and_of_callable_objects():
@@ -517,11 +531,11 @@ def test_code_fingerprint_of_functions_without_a_source_file_and_of_callable_obj
     made = [{} for _ in range(3)]
     for ns, body in zip(made, ["0.5", "0.5", "0.25"]):
         exec(f"import torch\ndef score(p, r):\n    return {{'a': torch.full((len(r),), {body})}}\n", ns)
-    keys = [alol.code_fingerprint(ns["score"]) for ns in made]
+    keys = [caches.code_fingerprint(ns["score"]) for ns in made]
     assert keys[0] == keys[1] != keys[2]
 
     class Scorer:
         def __call__(self, prompts, responses):
             return {"a": torch.zeros(len(responses))}
 
-    assert alol.code_fingerprint(Scorer()) == alol.code_fingerprint(Scorer()) != keys[0]
+    assert caches.code_fingerprint(Scorer()) == caches.code_fingerprint(Scorer()) != keys[0]

@@ -14,6 +14,11 @@ import torch
 import transformers
 
 import alol
+import checks
+import models
+import rundir
+import tasks.toy
+from conftest import run_cli
 
 GOOD = {"prompt": "r/pets : any tips for cats ?", "response": "good luck !", "reward": 1.5}
 
@@ -27,10 +32,10 @@ def model_dir(tmp_path_factory):
     """A tiny GPT-2 and its tokenizer saved as a Hugging Face model folder (config.json, weights, tokenizer)."""
     path = tmp_path_factory.mktemp("model") / "gpt2"
     args = alol.parse_args([])
-    splits, _ = alol.toy_build(alol.parse_args(["--n-train", "200"]))
-    tok = alol.bpe_tokenizer(splits["train"])
+    splits, _ = tasks.toy.load(alol.parse_args(["--n-train", "200"]))
+    tok = models.bpe_tokenizer(splits["train"])
     torch.manual_seed(0)
-    alol.tiny_gpt2(tok, args).save_pretrained(path)
+    models.tiny_gpt2(tok, args).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -59,7 +64,7 @@ def data_flags(tmp_path, train_rows=None, raw=None):
 
 
 def run(argv, monkeypatch, capsys, stop_at_reference=True):
-    """alol.cli(argv) -> (exit code, stderr, stdout, whether the reference stage was reached)."""
+    """run_cli(argv) -> (exit code, stderr, stdout, whether the reference stage was reached)."""
     reached = []
     real = alol.train_policy
 
@@ -71,7 +76,7 @@ def run(argv, monkeypatch, capsys, stop_at_reference=True):
 
     monkeypatch.setattr(alol, "train_policy", reference_stage)
     try:
-        code = alol.cli(argv)
+        code = run_cli(argv)
     except SystemExit as e:  # argparse: exit 2
         code = e.code
     except ReferenceStageReached:
@@ -118,7 +123,7 @@ def test_bad_data_is_named_by_file_and_line(tmp_path, monkeypatch, capsys, rows,
 def test_gzipped_jsonl_is_read_as_written(tmp_path, monkeypatch, capsys):
     flags = data_flags(tmp_path, raw=gzip.compress(("\n".join(json.dumps({**GOOD, "reward": r}) for r in
                                                               (0.5, 2.0, 3.25)) + "\n").encode()))
-    assert [r["rewards"]["reward"] for r in alol.load_jsonl(flags[1], "--train-file")] == [0.5, 2.0, 3.25]
+    assert [r["rewards"]["reward"] for r in checks.read_jsonl(flags[1], "--train-file")] == [0.5, 2.0, 3.25]
     code, _, _, reached = run(base(tmp_path, *flags), monkeypatch, capsys)
     assert code is None and reached
 
@@ -276,7 +281,7 @@ def test_damaged_cache_is_reported_and_recomputed(tmp_path, monkeypatch, capsys,
 
 def write_many(path, text, n):
     for _ in range(n):
-        alol.write_atomic(path, text)
+        rundir.write_atomic(path, text)
 
 
 def test_two_processes_writing_one_cache_file_never_race(tmp_path):

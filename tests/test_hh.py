@@ -13,8 +13,13 @@ import transformers
 from safetensors.torch import load_file
 
 import alol
+import caches
+import checks
+import models
+import reward_models
+import tasks.hh
 
-SYSTEM = alol.HH_SYSTEM
+SYSTEM = tasks.hh.HH_SYSTEM
 
 
 def conversations(subset, split, n):
@@ -35,21 +40,21 @@ def hh(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hh")
     data = tmp / "hh-rlhf"
     texts = []
-    for subset in alol.HH_SUBSETS:
+    for subset in tasks.hh.HH_SUBSETS:
         (data / subset).mkdir(parents=True)
         for split, n in (("train", 6), ("test", 3)):
             rows = conversations(subset, split, n)
             with gzip.open(data / subset / f"{split}.jsonl.gz", "wt") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
-            texts += [alol.hh_record(row["chosen"]) for row in rows if alol.hh_record(row["chosen"])]
-    tok = alol.bpe_tokenizer(texts + [{"prompt": "<|prompter|><|assistant|>", "response": "No way"}])
+            texts += [tasks.hh.hh_record(row["chosen"]) for row in rows if tasks.hh.hh_record(row["chosen"])]
+    tok = models.bpe_tokenizer(texts + [{"prompt": "<|prompter|><|assistant|>", "response": "No way"}])
     eos = tok.eos_token_id
     torch.manual_seed(0)
     policy = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=64, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=eos,
         eos_token_id=eos, pad_token_id=eos))
-    reward = alol.NeoXRewardModel(alol.NeoXRewardConfig(
+    reward = reward_models.NeoXRewardModel(reward_models.NeoXRewardConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=1024, eos_token_id=eos, pad_token_id=eos))
     for name, model in {"policy": policy, "reward": reward}.items():
@@ -89,19 +94,19 @@ def test_hh_preset_is_the_papers_lengths_and_optimiser():
      "three"),
 ], ids=["multi-turn", "whitespace", "empty-turn", "two-human-turns"])
 def test_transcript_to_prompt_and_response(transcript, prompt, response):
-    assert alol.hh_record(transcript) == {"prompt": prompt, "response": response}
+    assert tasks.hh.hh_record(transcript) == {"prompt": prompt, "response": response}
 
 
 @pytest.mark.parametrize("transcript", ["\n\nHuman: a\n\nAssistant: b\n\nHuman: c", "\n\nHuman: a\n\nAssistant:",
                                         "\n\nHuman: a\n\nAssistant:  \n ", "no turns at all", ""])
 def test_transcript_without_a_final_reply_is_dropped(transcript):
-    assert alol.hh_record(transcript) is None
+    assert tasks.hh.hh_record(transcript) is None
 
 
 def test_reward_model_reads_the_chat_with_role_tokens_and_eos():
-    prompt = alol.hh_record("\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: \n\nAssistant: x")["prompt"]
-    eos = alol.EOS
-    assert alol.hh_chat(prompt, "Sure.") == (f"<|prompter|>Hi{eos}<|assistant|>Hello{eos}<|prompter|>{eos}"
+    prompt = tasks.hh.hh_record("\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: \n\nAssistant: x")["prompt"]
+    eos = models.EOS
+    assert tasks.hh.hh_chat(prompt, "Sure.") == (f"<|prompter|>Hi{eos}<|assistant|>Hello{eos}<|prompter|>{eos}"
                                              f"<|assistant|>Sure.{eos}")
 
 
@@ -112,7 +117,7 @@ def test_neox_reward_loader_against_a_hand_computed_forward(hh, tmp_path, poolin
     state at the last token (or the mean over tokens) of that text alone, however the batch is padded."""
     folder = tmp_path / "rm"
     config = json.loads((hh["tmp"] / "reward" / "config.json").read_text()) | {"pooling": pooling}
-    alol.NeoXRewardModel(alol.NeoXRewardConfig(**config)).save_pretrained(folder)
+    reward_models.NeoXRewardModel(reward_models.NeoXRewardConfig(**config)).save_pretrained(folder)
     hh["tok"].save_pretrained(folder)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "gpt_neox_reward_model"
     weights = load_file(folder / "model.safetensors")
@@ -124,7 +129,7 @@ def test_neox_reward_loader_against_a_hand_computed_forward(hh, tmp_path, poolin
         pooled = hidden[-1] if pooling == "last" else hidden.mean(0)
         expected.append(torch.sigmoid(weights["out_proj.weight"][0] @ pooled + weights["out_proj.bias"][0]))
     args = alol.parse_args(["--device", "cpu", "--eval-batch-size", "3"])
-    got = alol.classifier_scores(str(folder), texts, args)
+    got = reward_models.classifier_scores(str(folder), texts, args)
     assert torch.allclose(got, torch.stack(expected).detach(), atol=1e-5)
     assert len(set(got.tolist())) == 3  # distinct texts, distinct scores: the head reads each text's own token
 
@@ -139,8 +144,8 @@ def test_any_one_logit_classifier_reads_conversation_and_reply(hh, tmp_path):
     model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**config, num_labels=1)).eval()
     model.save_pretrained(tmp_path / "deberta")
     tok.save_pretrained(tmp_path / "deberta")
-    prompts = [alol.hh_record(f"\n\nHuman: help {i}?\n\nAssistant: x")["prompt"] for i in range(2)]
-    reward_fn = alol.hh_reward(alol.parse_args(["--device", "cpu", "--hh-reward-model", str(tmp_path / "deberta")]))
+    prompts = [tasks.hh.hh_record(f"\n\nHuman: help {i}?\n\nAssistant: x")["prompt"] for i in range(2)]
+    reward_fn = tasks.hh.reward(alol.parse_args(["--device", "cpu", "--hh-reward-model", str(tmp_path / "deberta")]))
     got = reward_fn(prompts, ["Kindly.", "No way 1."])
     questions = [p.removeprefix(SYSTEM) for p in prompts]
     with torch.no_grad():
@@ -183,24 +188,23 @@ def test_hh_end_to_end(hh, tmp_path, monkeypatch):
     assert {"results.json", "results.md", "results.png"} <= set(os.listdir(run))
     assert results["n_test"] == 8 and set(results["data"]["components"]) == {"preference"}
     for entry in (results["data"], results["reference"], results["methods"]["nll"], results["methods"]["a_lol"]):
-        assert list(entry["subsets"]) == list(alol.HH_SUBSETS)
+        assert list(entry["subsets"]) == list(tasks.hh.HH_SUBSETS)
         for subset in entry["subsets"].values():
             assert 0 <= subset["reward"] <= 1 and {"distinct_1", "distinct_2", "distinct_3", "length"} <= set(subset)
     # per subset: the mean reward of the greedy generations of that subset's prompts
     rows = [json.loads(line) for line in open(run / "reference" / "generations.jsonl")]
-    for i, subset in enumerate(alol.HH_SUBSETS):
+    for i, subset in enumerate(tasks.hh.HH_SUBSETS):
         mean = sum(r["reward_greedy"] for r in rows[2 * i:2 * i + 2]) / 2
         assert math.isclose(results["reference"]["subsets"][subset]["reward"], mean, rel_tol=1e-5)
     table = (run / "results.md").read_text()
     assert "| a_lol | helpful-rejection-sampled |" in table and "| data | harmless-base |" in table
 
-    caches = os.listdir(tmp_path / "cache")
-    cached = tmp_path / "cache" / next(c for c in caches if c.startswith("hh-"))
+    cached = tmp_path / "cache" / next(c for c in os.listdir(tmp_path / "cache") if c.startswith("hh-"))
     assert sorted(os.listdir(cached)) == sorted(["train_chosen.jsonl", "train_rejected.jsonl", "val.jsonl",
-                                                 "checksums.json"] + [f"test-{s}.jsonl" for s in alol.HH_SUBSETS])
-    chosen = alol.load_jsonl(str(cached / "train_chosen.jsonl"), "x")  # our own schema: usable as --train-file
-    rejected = alol.load_jsonl(str(cached / "train_rejected.jsonl"), "x")
-    val = alol.load_jsonl(str(cached / "val.jsonl"), "x")
+                                                 "checksums.json"] + [f"test-{s}.jsonl" for s in tasks.hh.HH_SUBSETS])
+    chosen = checks.read_jsonl(str(cached / "train_chosen.jsonl"), "x")  # our own schema: usable as --train-file
+    rejected = checks.read_jsonl(str(cached / "train_rejected.jsonl"), "x")
+    val = checks.read_jsonl(str(cached / "val.jsonl"), "x")
     # 4 subsets x 7 conversations, 5 of them held out for V: the 4 unanswered ones dropped, and the empty rejected reply
     assert len(chosen) + len(val) == 24 and len(rejected) == len(chosen) - sum(" 1: how" in r["prompt"] for r in chosen)
     assert all(set(r["rewards"]) == {"preference"} and r["prompt"].startswith(SYSTEM) for r in chosen + rejected)
@@ -209,10 +213,10 @@ def test_hh_end_to_end(hh, tmp_path, monkeypatch):
     def must_not_run(*a, **kw):
         raise AssertionError("the cached data should have been read")
 
-    monkeypatch.setattr(alol, "hh_splits", must_not_run)
-    monkeypatch.setattr(alol, "add_rewards", must_not_run)
-    splits, _ = alol.hh_build(hh_args(hh, tmp_path))
+    monkeypatch.setattr(tasks.hh, "hh_splits", must_not_run)
+    monkeypatch.setattr(caches, "add_rewards", must_not_run)
+    splits, _ = tasks.hh.load(hh_args(hh, tmp_path))
     assert [r["response"] for r in splits["train"]] == [r["response"] for r in chosen]
-    assert [r["subset"] for r in splits["test"]] == [s for s in alol.HH_SUBSETS for _ in range(2)]
-    both, _ = alol.hh_build(hh_args(hh, tmp_path, "--hh-train", "both"))
+    assert [r["subset"] for r in splits["test"]] == [s for s in tasks.hh.HH_SUBSETS for _ in range(2)]
+    both, _ = tasks.hh.load(hh_args(hh, tmp_path, "--hh-train", "both"))
     assert both["train"] == chosen + rejected and both["test"] == splits["test"]

@@ -13,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import alol
+import models
+import tasks.toy
+from conftest import load_policy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LR = 1e-3
@@ -92,23 +95,23 @@ def test_resume_of_a_killed_two_process_run(runs):
 def test_lora_trains_adapters_only_and_merges_into_the_reference(tmp_path, monkeypatch):
     args = alol.parse_args([*TINY, "--out-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
                             "--lora-r", "4", "--algo", "a_lol"])
-    splits, _ = alol.toy_build(args)
-    tok = alol.bpe_tokenizer(splits["train"])
+    splits, _ = tasks.toy.load(args)
+    tok = models.bpe_tokenizer(splits["train"])
     data = alol.encode(splits["train"], tok, args)
     torch.manual_seed(0)
-    policy = alol.disable_dropout(alol.tiny_gpt2(tok, args))
+    policy = alol.disable_dropout(models.tiny_gpt2(tok, args))
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     alol.train_policy(policy, tok, data, "nll", str(tmp_path / "ref"), args, 1, 1e-2)
     adapter = tmp_path / "ref" / "checkpoint"
     assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
-    merged = alol.load_policy(str(tmp_path / "ref" / "model"), args)  # from_pretrained loads the merged model
+    merged = load_policy(str(tmp_path / "ref" / "model"), args)  # from_pretrained loads the merged model
     assert set(merged.state_dict()) == set(before)
     changed = [k for k in before if not torch.equal(before[k], merged.state_dict()[k])]
     # only the weights LoRA adapts change (GPT-2's attention and MLP projections); embeddings, norms, biases do not
     assert changed and all(k.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")) for k in changed)
     import peft
 
-    base = alol.disable_dropout(alol.tiny_gpt2(tok, args))
+    base = alol.disable_dropout(models.tiny_gpt2(tok, args))
     base.load_state_dict(before)
     with_adapter = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
     batch = alol.take(data, torch.arange(8))

@@ -1,5 +1,6 @@
 """Watching and selecting: trackers receive exactly the rows of log.jsonl, --eval-every keeps the best validated
 checkpoint (also across --resume), curves.png is drawn, and --reward-fn finds a module in the working directory."""
+import importlib
 import json
 import os
 import pathlib
@@ -12,6 +13,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import alol
+import models
+import tasks.toy
+from conftest import run_cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -49,9 +53,9 @@ def test_tensorboard_scalars_equal_log_jsonl_and_curves_are_drawn(tmp_path):
 
 @pytest.mark.parametrize("kind", ["wandb", "trackio"])
 def test_missing_tracker_package_is_one_clear_line(tmp_path, monkeypatch, capsys, kind):
-    real = alol.importlib.util.find_spec
-    monkeypatch.setattr(alol.importlib.util, "find_spec", lambda name, *a: None if name == kind else real(name, *a))
-    assert alol.cli(tiny(tmp_path, "--report-to", f"tensorboard,{kind}")) == 1
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == kind else real(name, *a))
+    assert run_cli(tiny(tmp_path, "--report-to", f"tensorboard,{kind}")) == 1
     assert capsys.readouterr().err.strip() == f"error: --report-to {kind}: the {kind} package is not installed " \
                                               f"(pip install {kind})"
     assert not (tmp_path / "run").exists()
@@ -61,8 +65,8 @@ def test_eval_every_keeps_the_best_checkpoint_and_resume_keeps_it(tmp_path, monk
     """Scripted validation rewards whose best is neither the first nor the last: the kept weights are that step's,
     and a run killed after it and resumed keeps it."""
     args = alol.parse_args(tiny(tmp_path, "--eval-every", "1", "--save-every", "2", "--report-to", "none"))
-    splits, _ = alol.toy_build(args)
-    tok = alol.bpe_tokenizer(splits["train"])
+    splits, _ = tasks.toy.load(args)
+    tok = models.bpe_tokenizer(splits["train"])
     data = alol.encode(splits["train"], tok, args)
     scripted = {1: 0.2, 2: 0.3, 3: 0.9, 4: 0.4, 5: 0.5, 6: 0.1}  # validation reward after each of the 6 steps
     weights_at = {}
@@ -73,7 +77,7 @@ def test_eval_every_keeps_the_best_checkpoint_and_resume_keeps_it(tmp_path, monk
         return scripted[step]
 
     torch.manual_seed(0)
-    policy = alol.disable_dropout(alol.tiny_gpt2(tok, args))
+    policy = alol.disable_dropout(models.tiny_gpt2(tok, args))
     init = {k: v.clone() for k, v in policy.state_dict().items()}
     best = alol.train_policy(policy, tok, data, "nll", str(tmp_path / "full"), args, 1, 1e-3, validate=validate)
     assert best == {"step": 3, "val_reward": 0.9}

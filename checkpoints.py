@@ -1,0 +1,124 @@
+"""Checkpoints and resume: a training stage's log.jsonl, checkpoint/ (weights, optimiser state, step), best/ (the
+best validated weights) and trackers; with --resume a stage continues from its last checkpoint."""
+import json
+import math
+import os
+import shutil
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from distributed import barrier, is_main
+from models import load_policy
+from rundir import write_atomic
+from tracking import Tracker
+
+
+def save(model, tok, ckpt: str, state: dict):
+    """`save_pretrained` format (the whole model, loadable with from_pretrained; or a peft LoRA adapter) plus `state`
+    (the optimiser's, for --resume; the validation reward, for best/) in trainer_state.pt, written last: a
+    checkpoint.tmp that holds it is complete. Rank 0 writes; the others wait until it has."""
+    if is_main():
+        transformers.utils.logging.disable_progress_bar()  # a bar per saved file would drown alol's
+        shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
+        model.save_pretrained(ckpt + ".tmp")
+        tok.save_pretrained(ckpt + ".tmp")
+        torch.save(state, os.path.join(ckpt + ".tmp", "trainer_state.pt"))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        os.replace(ckpt + ".tmp", ckpt)
+    barrier()
+
+
+def load_weights(model, ckpt: str, args):
+    """save()'s weights back into `model`: a LoRA adapter's into the peft model, or a whole model's."""
+    if hasattr(model, "peft_config"):
+        import peft
+
+        peft.set_peft_model_state_dict(model, peft.utils.load_peft_weights(ckpt, device=args.device))
+    else:
+        model.load_state_dict(load_policy(ckpt, args).state_dict())
+
+
+def resume(model, optim, sched, ckpt: str, log_path: str, args) -> int:
+    """The step to continue from: 0 for a fresh stage; else the checkpoint's weights and optimiser state are loaded
+    and log.jsonl is cut back to that step (rows written after it, or cut short by the kill, are dropped)."""
+    tmp_state = os.path.join(ckpt + ".tmp", "trainer_state.pt")
+    finished = args.resume and not os.path.exists(ckpt) and os.path.exists(tmp_state)
+    if finished and is_main():
+        os.replace(ckpt + ".tmp", ckpt)  # killed between save()'s delete and rename: the new one is complete
+    barrier()
+    if not (args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))):
+        return 0
+    load_weights(model, ckpt, args)
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    optim.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rows = [r for r in open(log_path) if r.endswith("\n")] if os.path.exists(log_path) else []
+    write_atomic(log_path, "".join(r for r in rows if json.loads(r)["step"] <= state["step"]))
+    return state["step"]
+
+
+class Stage:
+    """What one training stage writes in run_dir as it runs: a row per optimiser step in log.jsonl and the
+    trackers, the validation reward every --eval-every steps with the best step's weights in best/ (kept across
+    --resume), and checkpoint/ every --save-every steps and at the end. `model` is what is saved: the policy, or its
+    LoRA adapter."""
+
+    def __init__(self, model, tok, optim, sched, run_dir: str, args, n_steps: int, epochs: int, validate=None):
+        self.model, self.tok, self.optim, self.sched, self.args = model, tok, optim, sched, args
+        self.run_dir, self.n_steps, self.validate = run_dir, n_steps, validate
+        self.ckpt, self.best_dir = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "best")
+        log_path = os.path.join(run_dir, "log.jsonl")
+        os.makedirs(run_dir, exist_ok=True)
+        self.start = resume(model, optim, sched, self.ckpt, log_path, args)
+        if validate is None or not args.eval_every:
+            self.every = 0
+        elif args.eval_every < 1:  # a share of an epoch
+            self.every = max(1, round(args.eval_every * n_steps / epochs))
+        else:
+            self.every = int(args.eval_every)
+        best_path = os.path.join(self.best_dir, "trainer_state.pt")
+        resumed_best = self.start and os.path.exists(best_path)
+        self.best = torch.load(best_path, weights_only=True) if resumed_best else {"val_reward": -math.inf}
+        self.tracker = Tracker(args, run_dir, self.start)
+        self.log = open(log_path if is_main() else os.devnull, "a" if self.start else "w")
+
+    def steps(self, desc: str):
+        """The optimiser steps still to run, with a progress bar (none unless stderr is a terminal; rank 0 only)."""
+        self.bar = tqdm(range(self.start, self.n_steps), desc=desc, initial=self.start, total=self.n_steps,
+                        dynamic_ncols=True, disable=None if is_main() else True)
+        return self.bar
+
+    def record(self, step: int, row: dict, policy):
+        """After optimiser step `step` (from 0): its row, the validation reward when due, the checkpoint when due."""
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}",
+                             adv=f"{row['adv']:.2f}")
+        rows, done = [row], step + 1
+        if self.every and (done % self.every == 0 or done == self.n_steps):
+            rows.append({"step": done, "val_reward": self.validate(policy)})
+            policy.train()
+            if rows[-1]["val_reward"] > self.best["val_reward"]:
+                self.best = rows[-1]
+                save(self.model, self.tok, self.best_dir, self.best)
+        for r in rows:
+            self.log.write(json.dumps(r) + "\n")
+            self.tracker.log(r)
+        if done % self.args.save_every == 0 or done == self.n_steps:
+            self.log.flush()
+            save(self.model, self.tok, self.ckpt, {"optimizer": self.optim.state_dict(),
+                                                   "scheduler": self.sched.state_dict(), "step": done})
+
+    def finish(self, policy):
+        """The best validated weights loaded back (with --eval-every); a LoRA adapter merged into `policy`, and the
+        merged model saved in run_dir/model for from_pretrained. Returns {step, val_reward} of the kept step, or
+        None."""
+        self.log.close()
+        self.tracker.close()
+        if self.every:
+            load_weights(self.model, self.best_dir, self.args)
+        if self.model is not policy:  # a LoRA adapter: fold it into the weights
+            self.model.merge_and_unload()
+            save(policy, self.tok, os.path.join(self.run_dir, "model"), {})
+        policy.eval()
+        return self.best if self.every else None

@@ -1,0 +1,84 @@
+"""torchrun helpers: the process group, who writes, batches shared out over processes, DistributedDataParallel."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+
+def init(device: str) -> str:
+    """This process's device ("auto": cuda if available). Under torchrun (RANK set): one process group, NCCL with
+    one GPU per process, or gloo on CPU; ranks other than 0 print nothing (errors still reach stderr)."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if "RANK" not in os.environ:
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def world() -> tuple:
+    """(rank, number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    """Rank 0 alone writes files and prints; the others compute the same and wait for it where they read them."""
+    return world()[0] == 0
+
+
+def barrier():
+    """Under torchrun, wait until every process is here: the others then read what rank 0 has written."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard_map(fn, items: list, batch_size: int, desc: str) -> list:
+    """[fn(batch, k) for the k-th batch of items]: under torchrun batch k runs on rank k % world size and the results
+    are gathered in order, so fn must depend only on the batch and its position (generate seeds by it)."""
+    rank, size = world()
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    done = {k: fn(batches[k], k) for k in tqdm(range(rank, len(batches), size), desc=desc, leave=False,
+                                               disable=None if rank == 0 else True)}
+    if size > 1:
+        parts = [None] * size
+        dist.all_gather_object(parts, done)
+        done = {k: v for part in parts for k, v in part.items()}
+    return [done[k] for k in range(len(batches))]
+
+
+class Forward(nn.Module):
+    """fn(module, batch) as a module's forward: what DistributedDataParallel needs to see."""
+
+    def __init__(self, module: nn.Module, fn):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, batch):
+        return self.fn(self.module, batch)
+
+
+def data_parallel(module: nn.Module, fn, device: str) -> nn.Module:
+    """forward(batch) = fn(module, batch): under torchrun a DistributedDataParallel, which averages the gradients over
+    the processes in the backward of a step's last micro-batch (the others run under no_sync); the plain module
+    otherwise."""
+    forward = Forward(module, fn)
+    if world()[1] == 1:
+        return forward
+    return nn.parallel.DistributedDataParallel(forward, device_ids=None if device == "cpu" else [device])
+
+
+def mean_over_processes(values: torch.Tensor, device: str) -> torch.Tensor:
+    """The mean of each process's `values` (itself without torchrun): logged statistics cover the whole step."""
+    if world()[1] == 1:
+        return values
+    values = values.to(device)
+    dist.all_reduce(values)
+    return values.cpu() / world()[1]
