@@ -23,7 +23,7 @@ import random
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -38,10 +38,9 @@ import distributed
 import kernels
 import models
 import rundir
-import tasks
 import tasks.jsonl
 import tracking
-from cli import AlolError
+from cli import AlolError, opt
 from distributed import data_parallel, mean_over_processes, shard_map, world
 from scoring import score
 
@@ -49,10 +48,6 @@ from scoring import score
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Settings
 # ---------------------------------------------------------------------------------------------------------------
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class Args:
     # run
@@ -65,16 +60,15 @@ class Args:
     resume: bool = opt(False, "continue the run in --out-dir from its last checkpoints")
     cache_dir: str = opt(".cache/alol", "where reference log-probs and V(x) are cached between runs")
     device: str = opt("auto", "auto (cuda if available), cpu or cuda")
-    kernel: str = opt("auto", "log-prob backend of kernels/: auto (Triton on CUDA), torch or triton")
+    kernel: str = opt("auto", "log-prob backend of kernels/: auto (Triton on CUDA), torch or triton",
+                      ["auto", "torch", "triton"])
     bf16: bool = opt(True, "bf16 autocast on CUDA; log-probs, ratios and the loss stay fp32")
     report_to: str = opt("tensorboard", "comma list of trackers for every training step and validation: tensorboard, "
                          "wandb, trackio, or none (log.jsonl and curves.png are always written)")
-    # data
+    # data and rewards (each task adds its own settings: tasks/<task>.py, SETTINGS)
     train_file: str = opt("", "JSONL with prompt, response and reward (or a dict `rewards`); replaces the task's data")
     val_file: str = opt("", "JSONL of the same form; its prompts train the value head")
     test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
-    data_dir: str = opt("data/reddit", "reddit: folder with Kaggle's comments_positive.csv and comments_negative.csv")
-    reddit_train: str = opt("pos", "reddit: train on the upvoted (pos) or the downvoted (neg) replies")
     n_train: int = opt(8000, "training examples: toy generates this many; reddit and hh keep at most this many "
                        "(0 = all)")
     n_val: int = opt(600, "validation examples (value-head prompts); reddit: per CSV file; hh: conversations held out "
@@ -82,17 +76,7 @@ class Args:
     n_test: int = opt(400, "test examples (toy: prompts unseen in training); reddit: per CSV file; hh: per test subset")
     max_prompt_len: int = opt(24, "prompt tokens kept (left-truncated: the end of the prompt matters most)")
     max_response_len: int = opt(32, "response tokens kept incl. the final EOS (right-truncated)")
-    hh_dataset: str = opt("Anthropic/hh-rlhf", "hh: Hugging Face dataset id, or a folder of its layout (<subset>/"
-                          "train.jsonl.gz, test.jsonl.gz)")
-    hh_train: str = opt("chosen", "hh: offline replies: `chosen` (the paper's) or `both`, chosen and rejected pooled")
-    # rewards
     reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
-    fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response")
-    safety_model: str = opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the reply")
-    depth_model: str = opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) of parent+reply")
-    updown_model: str = opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) of parent+reply")
-    hh_reward_model: str = opt("OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "hh: sigmoid of this reward model "
-                               "(the paper's for train and validation; or any one-logit sequence classifier)")
     # reference policy
     model: str = opt("", "Hugging Face id or path of the initial policy; empty = the task's own tiny GPT-2")
     ref_model: str = opt("", "path of a trained reference policy; skips the NLL reference stage")
@@ -131,14 +115,15 @@ class Args:
                                "samples), reward models, reference log-probs and V(x)")
 
 
-ARG_GROUPS = {"task": "run", "train_file": "data", "reward_fn": "rewards", "model": "reference policy",
+ARG_GROUPS = {"task": "run", "train_file": "data and rewards", "model": "reference policy",
               "value_samples": "value estimate", "epochs": "A-LoL training", "lora_r": "bigger models",
               "eval_every": "evaluation"}
 ALGOS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 
 
 def parse_args(argv=None) -> Args:
-    """Args from the command line, the task's preset (tasks/<task>.py) as defaults; bad values exit 2 (cli.py)."""
+    """Args and every task's own settings from the command line, the chosen task's PRESET as defaults (tasks/); a bad
+    value exits 2 (cli.py)."""
     return cli.parse(Args, ARG_GROUPS, ALGOS, __doc__.split("\n\n")[0], argv)
 
 

@@ -1,13 +1,13 @@
 """The command line: flags built from the settings, every value checked before anything runs (exit 2), and a run's
 one-line errors (exit 1) and interruption (exit 130)."""
 import argparse
+import dataclasses
 import math
 import os
 import re
 import shlex
 import sys
 import traceback
-from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -21,25 +21,41 @@ class AlolError(Exception):
     """A user-facing error: printed as one line, no traceback."""
 
 
+def opt(default, help: str, choices=None):
+    """A setting: its default, its --help line and, if given, the values it may take."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 def parse(settings, groups: dict, algos: list, description: str, argv=None):
-    """`settings` (the Args dataclass) from the command line: one flag per field, in argparse groups opening at the
-    fields named in `groups`, with the chosen task's preset as the defaults (so --help shows them)."""
+    """`settings` (the Args dataclass), extended with every task's own SETTINGS, from the command line: one flag per
+    field, in argparse groups opening at the fields named in `groups` (a task's settings: a group of their own),
+    with the chosen task's PRESET as the defaults (so --help shows them)."""
     def optional_float(s):
         return None if s.lower() == "none" else float(s)
 
+    owner = {}  # setting -> the first task that declares it (tasks may share one, e.g. a classifier's path)
+    for name in tasks.NAMES:
+        for key, f in tasks.get(name).SETTINGS.items():
+            owner.setdefault(key, (name, f))
+    settings = dataclasses.make_dataclass(settings.__name__, [
+        (key, type(f.default), opt(f.default, f.metadata["help"], f.metadata["choices"]))
+        for key, (_, f) in owner.items()], bases=(settings,))
+    first = {}  # task -> its first setting, where its --help group opens
+    for key, (name, _) in owner.items():
+        first.setdefault(name, key)
+    groups = {**groups, **{key: f"task {name}" for name, key in first.items()}}
     p = argparse.ArgumentParser(description=description)
-    choices = {"task": list(tasks.NAMES), "kernel": ["auto", "torch", "triton"], "reddit_train": ["pos", "neg"],
-               "hh_train": ["chosen", "both"]}
     group = p
-    for f in fields(settings):
+    for f in dataclasses.fields(settings):
         group = p.add_argument_group(groups[f.name]) if f.name in groups else group
         flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
         help = f.metadata["help"] + ("" if f.default == "" else " (default: %(default)s)")
+        choices = list(tasks.NAMES) if f.name == "task" else f.metadata["choices"]
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
             group.add_argument(flag, type=optional_float if f.name == "clip_eps" else kind, default=f.default,
-                               help=help, choices=choices.get(f.name))
+                               help=help, choices=choices)
     pre = argparse.ArgumentParser(add_help=False)  # the task first: its preset sets the defaults --help shows
     pre.add_argument("--task", default=settings.task)
     task = pre.parse_known_args(argv)[0].task

@@ -1,6 +1,8 @@
 """Tasks: one module each, so adding a task is adding a file here and its name to NAMES. A task module has
 
     PRESET                       settings that replace Args' defaults for this task (`python alol.py --task NAME`)
+    SETTINGS                     the task's own settings, {name: cli.opt(default, help)}: flags of every run, in a
+                                 --help group of the task's
     load(args, reward_fn=None)   -> ({"train", "val", "test": [records]}, reward_fn): the task's data, scored, and its
                                  reward function (or `reward_fn`, from --reward-fn, for both); records are
                                  {"prompt", "response", "rewards": {component: float in [0, 1]}}, test records may

@@ -10,7 +10,7 @@ import transformers
 
 import reward_models
 from caches import fingerprint, scored_splits
-from cli import AlolError
+from cli import AlolError, opt
 from models import EOS, from_pretrained, hub_path
 
 # The paper's HH settings (lolrl_qlora_llama_hh.py): prompts 640 tokens, responses 128, batch 4 x 4, grad-norm 0.3,
@@ -20,6 +20,13 @@ PRESET = dict(model="Qwen/Qwen2.5-0.5B", n_train=0, n_val=1000, n_test=500, max_
               ref_epochs=1, ref_lr=1e-5, epochs=1, lr=1e-5, batch_size=4, grad_accum=4, weight_decay=0.0,
               max_grad_norm=0.3, kl_beta=0.2, value_samples=2, value_epochs=10, value_lr=1e-5, save_every=1000,
               eval_max_new_tokens=128, eval_batch_size=32)
+SETTINGS = {
+    "hh_dataset": opt("Anthropic/hh-rlhf", "hh: Hugging Face dataset id, or a folder of its layout (<subset>/"
+                      "train.jsonl.gz, test.jsonl.gz)"),
+    "hh_train": opt("chosen", "hh: offline replies: `chosen` (the paper's) or `both`, chosen and rejected pooled",
+                    ["chosen", "both"]),
+    "hh_reward_model": opt("OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "hh: sigmoid of this reward model "
+                           "(the paper's for train and validation; or any one-logit sequence classifier)")}
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")  # the paper's test sets
 HH_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
              "detailed, and polite answers to the user's questions.\n")

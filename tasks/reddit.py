@@ -7,7 +7,7 @@ import re
 import torch
 
 from caches import fingerprint, scored_splits
-from cli import AlolError
+from cli import AlolError, opt
 from models import EOS, hub_path, load_tokenizer
 from reward_models import classifier_scores
 
@@ -18,6 +18,13 @@ PRESET = dict(model="microsoft/DialoGPT-medium", n_train=0, n_val=1000, n_test=1
               max_response_len=128, ref_epochs=6, ref_lr=2e-5, epochs=3, lr=2e-5, batch_size=8, grad_accum=2,
               value_samples=2, value_epochs=5, value_lr=2e-5, save_every=1000, eval_every=0.5,
               eval_max_new_tokens=128, eval_num_beams=2, eval_repetition_penalty=2.5, eval_batch_size=32)
+SETTINGS = {
+    "data_dir": opt("data/reddit", "reddit: folder with Kaggle's comments_positive.csv and comments_negative.csv"),
+    "reddit_train": opt("pos", "reddit: train on the upvoted (pos) or the downvoted (neg) replies", ["pos", "neg"]),
+    "fluency_model": opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response"),
+    "safety_model": opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the reply"),
+    "depth_model": opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) of parent+reply"),
+    "updown_model": opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) of parent+reply")}
 REWARD_MODELS = ("fluency_model", "safety_model", "depth_model", "updown_model")
 REDDIT_FILES = {"pos": "comments_positive.csv", "neg": "comments_negative.csv"}
 # The official url_regex (utils/utils.py): a scheme is required, so a bare www.… stays, and the trailing ")" or

@@ -9,6 +9,7 @@ import torch
 from scoring import add_rewards
 
 PRESET = {}  # Args' defaults are the toy's
+SETTINGS = {}  # none of its own
 TOPICS = {"cooking": ["pasta", "bread", "rice", "soup", "eggs"],
           "fitness": ["running", "squats", "stretching", "protein", "sleep"],
           "gardening": ["tomatoes", "roses", "compost", "seeds", "weeds"],

@@ -1,6 +1,7 @@
 """Watching and selecting: trackers receive exactly the rows of log.jsonl, --eval-every keeps the best validated
 checkpoint (also across --resume), curves.png is drawn, and --reward-fn finds a module in the working directory."""
 import importlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -101,7 +102,7 @@ def test_eval_every_keeps_the_best_checkpoint_and_resume_keeps_it(tmp_path, monk
         alol.train_policy(policy, tok, data, "nll", str(tmp_path / "cut"), args, 1, 1e-3, validate=validate)
     monkeypatch.setattr(alol, "train_step", real)
     policy.load_state_dict(init)
-    resumed = alol.Args(**{**vars(args), "resume": True})
+    resumed = dataclasses.replace(args, resume=True)
     best = alol.train_policy(policy, tok, data, "nll", str(tmp_path / "cut"), resumed, 1, 1e-3, validate=validate)
     assert best == {"step": 3, "val_reward": 0.9}  # found before the kill, kept by the resumed run
     for name, value in policy.state_dict().items():

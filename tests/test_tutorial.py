@@ -42,7 +42,7 @@ def test_runnable_block_prints_what_the_tutorial_shows(code, output, monkeypatch
 
 def known_flags():
     flags = {"--help"}
-    for f in dataclasses.fields(alol.Args):
+    for f in dataclasses.fields(alol.parse_args([])):
         flag = "--" + f.name.replace("_", "-")
         flags |= {flag, "--no-" + flag[2:]} if isinstance(f.default, bool) else {flag}
     bench = (ROOT / "kernels" / "bench.py").read_text()
