@@ -58,8 +58,8 @@ class Args:
     # run
     task: str = opt("toy", "task, a module of tasks/ with its data, reward and preset: `toy` is embedded and "
                     "offline; `reddit` (needs --data-dir) and `hh` are the paper's")
-    algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`: the eight, and dpo "
-                    "and pro when every training example has a dispreferred reply (toy, --train-file with `rejected`)")
+    algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`: the eight of "
+                    "alol_loss, plus dpo and pro where every training example has a pair (toy; `rejected` in JSONL)")
     seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
     out_dir: str = opt("", "run directory (default runs/<task>-seed<seed>-<time>)")
     overwrite: bool = opt(False, "replace an --out-dir that holds a different run")
