@@ -217,6 +217,28 @@ def test_pair_methods_refuse_data_without_pairs_before_anything_is_written(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("paired", [True, False])
+def test_all_means_the_methods_the_data_supports(tmp_path, monkeypatch, paired):
+    """--algo all: dpo and pro join the eight where every training example has a pair, and are left out (not
+    refused) where none has."""
+    pair = {"rejected": {"response": "ok", "reward": 0.5}} if paired else {}
+    rows = [{"prompt": f"r/pets : any tips for {n} ?", "response": "good luck !", "reward": 1.0, **pair}
+            for n in ["cats", "dogs"] * 4]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    seen = []
+
+    def stop(args, splits, reward_fn, tok, model, pair_algos=()):  # stands in for the checks: methods resolved
+        seen.append(list(pair_algos))
+        raise alol.AlolError("stopped")
+
+    monkeypatch.setattr(checks, "preflight", stop)
+    args = alol.parse_args(["--device", "cpu", "--train-file", path, "--val-file", path, "--test-file", path,
+                            "--algo", "all", "--out-dir", str(tmp_path / "run")])
+    with pytest.raises(alol.AlolError, match="stopped"):
+        alol.main(args)
+    assert seen == [["dpo", "pro"] if paired else []]
+
+
 def test_preference_settings_are_checked(capsys):
     for argv, message in [(["--dpo-beta", "0"], "--dpo-beta must be a finite number > 0"),
                           (["--pro-sft-weight", "-1"], "--pro-sft-weight must be a finite number >= 0"),
