@@ -53,7 +53,8 @@ class Args:
     # run
     task: str = opt("toy", "task, a module of tasks/ with its data, reward and preset: `toy` is embedded and "
                     "offline; `reddit` (needs --data-dir) and `hh` are the paper's")
-    algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`")
+    algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`: the eight of "
+                    "alol_loss, plus dpo and pro where every training example has a pair (toy; `rejected` in JSONL)")
     seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
     out_dir: str = opt("", "run directory (default runs/<task>-seed<seed>-<time>)")
     overwrite: bool = opt(False, "replace an --out-dir that holds a different run")
@@ -97,6 +98,12 @@ class Args:
     kl_beta: float = opt(0.1, "beta of a_lol_kl")
     priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (the official -ts option)")
     save_every: int = opt(100, "optimiser steps between checkpoints (always saved at the end)")
+    # preference baselines: --batch-size pairs of replies per micro-batch
+    dpo_beta: float = opt(0.1, "beta of dpo (official: 0.1)")
+    dpo_reference_free: bool = opt(False, "dpo without pi_ref: its log-probs taken as 0 (official --reference_free)")
+    pro_sft_weight: float = opt(0.05, "pro: weight of the SFT term on the preferred reply, x (n-1)^2 (official: 0.05)")
+    pro_temperature: float = opt(1.0, "pro: its temperatures are the reward gaps times this (official: 1, on raw "
+                                 "reward-model logits; HH's rewards here are their sigmoid)")
     # bigger models
     lora_r: int = opt(0, "LoRA rank (peft): train adapters on a frozen base instead of every weight; 0 = full training")
     lora_alpha: float = opt(16.0, "LoRA scale alpha (the update is alpha/r * B A)")
@@ -116,15 +123,16 @@ class Args:
 
 
 ARG_GROUPS = {"task": "run", "train_file": "data and rewards", "model": "reference policy",
-              "value_samples": "value estimate", "epochs": "A-LoL training", "lora_r": "bigger models",
-              "eval_every": "evaluation"}
+              "value_samples": "value estimate", "epochs": "A-LoL training", "dpo_beta": "preference baselines",
+              "lora_r": "bigger models", "eval_every": "evaluation"}
 ALGOS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
+PAIR_ALGOS = ["dpo", "pro"]  # the paper's preference baselines: they train on pairs of replies (section 6)
 
 
 def parse_args(argv=None) -> Args:
     """Args and every task's own settings from the command line, the chosen task's PRESET as defaults (tasks/); a bad
     value exits 2 (cli.py)."""
-    return cli.parse(Args, ARG_GROUPS, ALGOS, __doc__.split("\n\n")[0], argv)
+    return cli.parse(Args, ARG_GROUPS, ALGOS + PAIR_ALGOS, __doc__.split("\n\n")[0], argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,13 +170,16 @@ def encode(records: list, tok, args: Args) -> dict:
         data["response_mask"][i, len(p):len(p) + len(r)] = True
     data["attention_mask"] = data["prompt_mask"] | data["response_mask"]
     data["reward"] = torch.tensor([sum(r["rewards"].values()) for r in records], dtype=torch.float)  # (N,) R
+    if records and all("rejected" in r for r in records):  # pairs: row i's dispreferred reply, a layout of its own
+        data["rejected"] = encode([{"prompt": r["prompt"], **r["rejected"]} for r in records], tok, args)
     return data
 
 
 def take(data: dict, idx: torch.Tensor, device="cpu") -> dict:
-    """Rows `idx` of every tensor, cut to the longest of those rows, on `device`."""
+    """Rows `idx` of every tensor (and of a nested layout), cut to the longest of those rows, on `device`."""
     width = int(data["attention_mask"][idx].sum(1).max())
-    return {k: (v[idx, :width] if v.dim() == 2 else v[idx]).to(device) for k, v in data.items()}
+    return {k: take(v, idx, device) if isinstance(v, dict) else (v[idx, :width] if v.dim() == 2 else v[idx]).to(device)
+            for k, v in data.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,25 +321,32 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
 # 5. Advantages A = R - V(x): the frozen reference's log-probs and V(x), computed once
 # ---------------------------------------------------------------------------------------------------------------
 def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args: Args) -> dict:
-    """Per-token reference log-probs [N, T] and V(x) [N] for every training example, and the value head's report.
+    """Per-token reference log-probs [N, T] and V(x) [N] for every training example, and the value head's report;
+    with pairs, also those of the dispreferred replies (`ref_logp_rejected`, DPO's reference).
 
     Computed once (main caches them): valid because pi_ref and the data are both fixed, so one model is in memory
     instead of the official second copy run every step. One pass of the reference gives both.
     """
     value_head, fit_report = train_value_head(ref, tok, val_records, reward_fn, args)
-    ref_logp, value = torch.zeros(train["input_ids"].shape), torch.zeros(len(train["reward"]))
+    out = {"value_report": fit_report}
+    pairs = [("_rejected", train["rejected"])] if "rejected" in train else []  # the dispreferred replies
+    for name, data in [("", train), *pairs]:
+        ref_logp, value = torch.zeros(data["input_ids"].shape), torch.zeros(len(data["reward"]))
 
-    @torch.no_grad()
-    def reference_pass(idx, position):
-        batch = take(train, torch.tensor(idx), args.device)
-        hidden = hidden_states(ref, batch, args)  # (b, T, H): one pass gives log-probs and V's input
-        return token_logprobs(ref, batch, args, hidden).cpu(), value_head(hidden.float(), batch["prompt_mask"]).cpu()
+        @torch.no_grad()
+        def reference_pass(idx, position):
+            batch = take(data, torch.tensor(idx), args.device)
+            hidden = hidden_states(ref, batch, args)  # (b, T, H): one pass gives log-probs and V's input
+            logp = token_logprobs(ref, batch, args, hidden).cpu()  # (b, T) log pi_ref
+            return logp, value_head(hidden.float(), batch["prompt_mask"]).cpu()
 
-    indices = list(range(len(value)))
-    for idx, (logp, v) in zip(torch.arange(len(value)).split(args.eval_batch_size),
-                              shard_map(reference_pass, indices, args.eval_batch_size, "reference log-probs")):
-        ref_logp[idx, :logp.shape[1]], value[idx] = logp, v  # (b, T) log pi_ref, (b,) V(x)
-    return {"ref_logp": ref_logp, "value": value, "value_report": fit_report}
+        indices = list(range(len(value)))
+        for idx, (logp, v) in zip(torch.arange(len(value)).split(args.eval_batch_size),
+                                  shard_map(reference_pass, indices, args.eval_batch_size, "reference log-probs")):
+            ref_logp[idx, :logp.shape[1]], value[idx] = logp, v  # (b, T) log pi_ref, (b,) V(x)
+        out["ref_logp" + name] = ref_logp
+        out.setdefault("value", value)  # V(x) of the prompts, the same for both replies
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,6 +400,41 @@ def alol_loss(logp, ref_logp, mask, reward, value, algo="a_lol", clip_eps=0.9, k
                   "adv": adv.mean().item()}
 
 
+def pair_loss(logp, ref_logp, length, reward, algo="dpo", beta=0.1, reference_free=False, sft_weight=0.05,
+              temperature=1.0, return_stats=False):
+    """The paper's preference baselines on n replies per prompt, the preferred first: DPO (Rafailov et al., 2023;
+    n = 2) and PRO (Song et al., 2024), as the official dpo_qlora_llama_hh.py and pro_qlora_llama_hh.py.
+
+    Formula (dpo):  loss = -mean_b log sigmoid(beta * ((L_b0 - L_b1) - (Lref_b0 - Lref_b1)))
+    Formula (pro):  loss = sum_{k<n-1} mean_b [log(eps + e^(s_bk tau_bk) + sum_{j>k} e^(s_bj tau_bkj)) - s_bk tau_bk]
+                           + sft_weight * (n-1)^2 * mean_b(-L_b0)
+    Where: L_bi = sum_t m_t logp_t is reply i's sequence log-prob under pi_theta, Lref under pi_ref (0 if
+    reference_free; PRO has no reference); s_bi = L_bi / length_bi its mean per token; tau_bkj = temperature *
+    (R_bk - R_bj), the reward gaps; tau_bk = max_j tau_bkj; eps = 1e-10. Unlike A-LoL: pairs, no V(x), no A > 0 filter.
+    Shapes: logp (with grad), ref_logp, length, reward: [B, n]. PRO's log-sum-exp has the official plain exp's value
+    without its overflow. With return_stats, also {pair_acc}: the share of prompts whose reply 0 the policy ranks
+    first (dpo: by the implicit reward beta * (L - Lref), whose mean gap is `margin`; pro: by s).
+    """
+    if algo == "dpo":
+        ref_logp = torch.zeros_like(logp) if reference_free else ref_logp.detach()
+        loss = -F.logsigmoid(beta * ((logp[:, 0] - logp[:, 1]) - (ref_logp[:, 0] - ref_logp[:, 1]))).mean()
+        score = beta * (logp.detach() - ref_logp)  # (B, 2) DPO's implicit rewards
+    elif algo == "pro":
+        eps, n, reward = 1e-10, logp.shape[1], temperature * reward.detach()  # eps: the official constant
+        score, loss = logp / length, 0.0  # (B, n) s: mean token log-probs
+        for k in range(n - 1):  # reply k against every reply ranked below it
+            tau = reward[:, k:k + 1] - reward[:, k + 1:]  # (B, n-k-1) temperatures
+            top = score[:, k] * tau.max(1).values  # (B,) s_k tau_k
+            terms = torch.cat([top[:, None], score[:, k + 1:] * tau, torch.full_like(top[:, None], math.log(eps))], 1)
+            loss = loss + (terms.logsumexp(1) - top).mean()
+        loss = loss + sft_weight * (n - 1) ** 2 * (-logp[:, 0]).mean()
+    else:
+        raise ValueError(f"unknown pair algo {algo!r}")
+    if not return_stats:
+        return loss
+    acc = (score[:, 0] > score[:, 1:].max(1).values).float().mean().item()
+    return loss, {"pair_acc": acc, **({"margin": (score[:, 0] - score[:, 1]).mean().item()} if algo == "dpo" else {})}
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # 7. Training: the sampling schedule, one optimiser step, the loop
@@ -406,21 +459,33 @@ def train_step(forward, optim, data: dict, indices: torch.Tensor, algo: str, arg
     micro-batches; returns the step's statistics. forward(batch) -> (b, T) log pi_theta, with gradient.
 
     frozen = {"ref_logp": [N, T], "value": [N]} of the frozen reference, or None for the NLL reference stage, which
-    has no reference yet: there rho = 1 and V = 0 (NLL's weight uses neither).
+    has no reference yet: there rho = 1 and V = 0 (NLL's weight uses neither). dpo and pro read each example's
+    `rejected` reply too, and its reference log-probs frozen["ref_logp_rejected"].
     """
     stats, micro = [], indices.chunk(args.grad_accum)
     for i, idx in enumerate(micro):
         batch = take(data, idx, args.device)
         # Under torchrun the gradients are averaged over the processes once per step, in the last backward.
         with forward.no_sync() if hasattr(forward, "no_sync") and i < len(micro) - 1 else contextlib.nullcontext():
-            logp = forward(batch)  # (b, T) log pi_theta, with grad
-            if frozen is None:
-                ref_logp, value = logp.detach(), torch.zeros_like(batch["reward"])
+            if algo in PAIR_ALGOS:  # the data's reply and the rejected one, ranked by reward (a tie keeps this order)
+                replies, refs = [batch, batch["rejected"]], [frozen["ref_logp"], frozen["ref_logp_rejected"]]
+                logp = torch.stack([forward(x).sum(-1) for x in replies], 1)  # (b, 2) sequence log-probs, with grad
+                ref_logp = torch.stack([r[idx].sum(-1) for r in refs], 1).to(args.device)  # (b, 2) of pi_ref
+                length = torch.stack([x["response_mask"].sum(-1) for x in replies], 1)  # (b, 2) reply tokens
+                reward = torch.stack([x["reward"] for x in replies], 1)  # (b, 2) R
+                rank = reward.argsort(dim=1, descending=True, stable=True)  # (b, 2): the preferred reply first
+                ranked = [x.gather(1, rank) for x in (logp, ref_logp, length, reward)]
+                loss, s = pair_loss(*ranked, algo, args.dpo_beta, args.dpo_reference_free, args.pro_sft_weight,
+                                    args.pro_temperature, return_stats=True)
             else:
-                ref_logp = frozen["ref_logp"][idx, :logp.shape[1]].to(args.device)  # (b, T) log pi_ref
-                value = frozen["value"][idx].to(args.device)  # (b,) V(x)
-            loss, s = alol_loss(logp, ref_logp, batch["response_mask"], batch["reward"], value, algo, args.clip_eps,
-                                args.kl_beta, return_stats=True)
+                logp = forward(batch)  # (b, T) log pi_theta, with grad
+                if frozen is None:
+                    ref_logp, value = logp.detach(), torch.zeros_like(batch["reward"])
+                else:
+                    ref_logp = frozen["ref_logp"][idx, :logp.shape[1]].to(args.device)  # (b, T) log pi_ref
+                    value = frozen["value"][idx].to(args.device)  # (b,) V(x)
+                loss, s = alol_loss(logp, ref_logp, batch["response_mask"], batch["reward"], value, algo,
+                                    args.clip_eps, args.kl_beta, return_stats=True)
             # Divide by the micro-batch count: the update is the mean over the whole batch, as one big batch would
             # give (the official code summed micro-batch means; huggingface/trl#2615).
             (loss / args.grad_accum).backward()
@@ -512,7 +577,6 @@ def evaluate(model, tok, test_records: list, reward_fn, args: Args, run_dir: str
 # 9. main: the reference stage once, then every method from the same reference and cached quantities
 # ---------------------------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
-    algos = ALGOS if args.algo == "all" else args.algo.split(",")
     args.device = distributed.init(args.device)  # under torchrun: this process's device
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -522,7 +586,9 @@ def main(args: Args) -> dict:
     source = args.ref_model or args.model  # a trained reference, or the initial policy; none: a tiny GPT-2
     tok = models.load_tokenizer(source) if source else models.bpe_tokenizer(splits["train"])
     ref = disable_dropout(models.load_policy(source, args) if source else models.tiny_gpt2(tok, args).to(args.device))
-    checks.preflight(args, splits, reward_fn, tok, ref)
+    paired = all("rejected" in r for r in splits["train"])  # `all` adds dpo and pro where the data has pairs
+    algos = ALGOS + PAIR_ALGOS * paired if args.algo == "all" else args.algo.split(",")
+    checks.preflight(args, splits, reward_fn, tok, ref, [a for a in algos if a in PAIR_ALGOS])
     out_dir = rundir.prepare(args, caches.run_fingerprints(args, reward_fn, task.data_files(args)))
     train = encode(splits["train"], tok, args)
     print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,

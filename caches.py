@@ -88,6 +88,8 @@ def frozen(ref, train: dict, val: dict, reward_fn, args, compute) -> dict:
     settings = {k: getattr(args, k) for k in FROZEN_SETTINGS}
     settings["reward_code"] = code_fingerprint(reward_fn)  # V is fitted to its scores
     layout = {k: train[k] for k in ("input_ids", "response_mask", "prompt_mask")}
+    if "rejected" in train:  # pairs: the key covers the dispreferred replies too
+        layout.update({f"rejected_{k}": train["rejected"][k] for k in ("input_ids", "response_mask", "prompt_mask")})
     key = fingerprint(ref, layout, {"val": val["input_ids"]}, settings)
     path = os.path.join(args.cache_dir, f"frozen-{key}.pt")
     if os.path.exists(path):

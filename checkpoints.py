@@ -92,8 +92,8 @@ class Stage:
 
     def record(self, step: int, row: dict, policy):
         """After optimiser step `step` (from 0): its row, the validation reward when due, the checkpoint when due."""
-        self.bar.set_postfix(loss=f"{row['loss']:.3f}", ratio=f"{row['ratio']:.3f}", clip=f"{row['clip_frac']:.2f}",
-                             adv=f"{row['adv']:.2f}")
+        self.bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ratio", "clip_frac", "adv", "pair_acc", "margin")
+                              if k in row})  # the statistics this method logs
         rows, done = [row], step + 1
         if self.every and (done % self.every == 0 or done == self.n_steps):
             rows.append({"step": done, "val_reward": self.validate(policy)})

@@ -11,8 +11,9 @@ from scoring import score
 
 
 def read_jsonl(path: str, flag: str) -> list:
-    """Rows {prompt, response, reward | rewards}, read line by line exactly as written: no value is coerced, and
-    every error names the file and the line. A gzip-compressed file is read as such."""
+    """Rows {prompt, response, reward | rewards, and optionally rejected: {response, reward | rewards}}, read line by
+    line exactly as written: no value is coerced, and every error names the file and the line. A gzip-compressed file
+    is read as such."""
     if not os.path.isfile(path):
         raise AlolError(f"{flag}: no such file: {path}")
     with open(path, "rb") as f:
@@ -45,17 +46,31 @@ def read_jsonl(path: str, flag: str) -> list:
                 raise AlolError(f"{where}: reward components {sorted(rewards)} differ from the file's first row's "
                                 f"{names}")
             records.append({"prompt": row["prompt"], "response": row["response"], "rewards": rewards, "source": where})
+            if "rejected" in row:  # optional: a dispreferred reply to the same prompt, with its reward (dpo, pro)
+                other = row["rejected"] if isinstance(row["rejected"], dict) else {}
+                worse = other.get("rewards", {"reward": other["reward"]} if "reward" in other else None)
+                if not isinstance(other.get("response"), str) or not other["response"].strip() \
+                        or not isinstance(worse, dict) or sorted(worse) != names \
+                        or not all(type(v) in (int, float) and math.isfinite(v) for v in worse.values()):
+                    raise AlolError(f"{where}: 'rejected' must be {{\"response\": a non-empty string, \"reward\" or "
+                                    f"\"rewards\": finite numbers named as the row's {names}}}")
+                records[-1]["rejected"] = {"response": other["response"], "rewards": worse}
     if not records:
         raise AlolError(f"{path}: no examples")
     return records
 
 
-def preflight(args, splits: dict, reward_fn, tok, model):
+def preflight(args, splits: dict, reward_fn, tok, model, pair_algos=()):
     """Every check that can run before the reference stage, so a bad input fails in seconds and leaves nothing
-    behind."""
+    behind. pair_algos: the methods of this run that train on pairs (dpo, pro)."""
     for name, records in splits.items():
         if not records:
             raise AlolError(f"the {name} split is empty")
+    unpaired = sum("rejected" not in r for r in splits["train"])
+    if pair_algos and unpaired:
+        raise AlolError(f"--algo {pair_algos[0]} trains on pairs of replies: {unpaired} of the {len(splits['train'])} "
+                        "training examples have no dispreferred reply (`rejected`); `--algo all` runs the methods the "
+                        "data supports")
     if len({r["prompt"] for r in splits["val"]}) < 2:
         raise AlolError("the value head needs 2 or more distinct validation prompts (one is held out)")
     if tok.eos_token_id is None:
@@ -65,9 +80,10 @@ def preflight(args, splits: dict, reward_fn, tok, model):
                         f"{model.get_input_embeddings().num_embeddings}")
     k = len(score(reward_fn, [r["prompt"] for r in splits["val"][:4]], [r["response"] for r in splits["val"][:4]])) - 1
     for r in (r for records in splits.values() for r in records):  # V(x) is fitted on the reward function's scale
-        if not 0 <= sum(r["rewards"].values()) <= k:
-            raise AlolError(f"{r.get('source', 'data')}: reward {sum(r['rewards'].values())} is outside [0, {k}], the "
-                            f"range of the reward function's {k} components in [0, 1]")
+        for part, which in [(r, ""), (r.get("rejected"), " (rejected)")]:
+            if part and not 0 <= sum(part["rewards"].values()) <= k:
+                raise AlolError(f"{r.get('source', 'data')}{which}: reward {sum(part['rewards'].values())} is outside "
+                                f"[0, {k}], the range of the reward function's {k} components in [0, 1]")
     if args.max_response_len == 1:  # responses are never empty, so 1 token is the first that empties them
         print("warning: --max-response-len 1 cuts every response down to its final EOS: nothing else is trained")
     for kind in set(args.report_to.split(",")) - {"none"}:

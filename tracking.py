@@ -46,7 +46,8 @@ class Tracker:
 
 def write_curves(out_dir: str, stages: list, clip_eps):
     """curves.png: per optimiser step, one line per stage: loss, mean ratio with the clip band, clipped share, mean A+
-    (the methods only: the NLL reference stage has no ratio and no advantage), and the validation reward."""
+    (the methods only: the NLL reference stage has no ratio and no advantage, dpo and pro neither), the share of
+    pairs ranked right (dpo and pro), and the validation reward."""
     if not is_main():
         return
     import matplotlib
@@ -55,16 +56,19 @@ def write_curves(out_dir: str, stages: list, clip_eps):
     import matplotlib.pyplot as plt
 
     panels = {"loss": "loss", "ratio": "mean ratio pi/pi_ref (clipped)", "clip_frac": "share of the batch clipped",
-              "adv": "mean A+ of the batch", "val_reward": "validation reward (--eval-every)"}
-    fig, grid = plt.subplots(2, 3, figsize=(15, 7.5))
-    axes, key_ax = grid.flat[:5], grid.flat[5]  # the last cell holds one legend for every panel
+              "adv": "mean A+ of the batch", "pair_acc": "pairs the policy ranks as the rewards (dpo, pro)",
+              "val_reward": "validation reward (--eval-every)"}
+    fig, grid = plt.subplots(2, 4, figsize=(20, 7.5))
+    axes, key_ax = grid.flat[:6], grid.flat[6]  # the next cell holds one legend for every panel
+    grid.flat[7].axis("off")
     for color, stage in enumerate(stages):
         log = os.path.join(out_dir, stage, "log.jsonl")
         rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []  # none: --ref-model given
         for ax, key in zip(axes, panels):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points and not (stage == "reference" and key in ("ratio", "clip_frac", "adv")):
-                ax.plot(*zip(*points), color=f"C{color}", label=stage, marker="o" if key == "val_reward" else None)
+                ax.plot(*zip(*points), color=f"C{color % 10}", linestyle="-" if color < 10 else "--", label=stage,
+                        marker="o" if key == "val_reward" else None)  # ten colours, then dashed
     if clip_eps is not None:
         axes[1].axhspan(max(1 - clip_eps, 0), 1 + clip_eps, color="gray", alpha=0.15, label=f"clip band 1 ± {clip_eps}")
     for ax, title in zip(axes, panels.values()):

@@ -1,5 +1,6 @@
 """The embedded task `toy`, the default: Reddit-like questions with one offline reply each, drawn from a noisy mixture
-of good, toxic, dull, off-topic and word-salad replies. Its exact rewards (toy_reward) make the A-LoL effect
+of good, toxic, dull, off-topic and word-salad replies, and a second reply to each training question from the same
+mixture (`rejected`: the pair that dpo and pro train on). Its exact rewards (toy_reward) make the A-LoL effect
 measurable offline, in about a minute on 2 CPU cores (no --model: models.tiny_gpt2)."""
 import functools
 import random
@@ -53,17 +54,23 @@ def toy_splits(args) -> dict:
     rng.shuffle(prompts)
     held_out, seen = prompts[:len(prompts) // 5], prompts[len(prompts) // 5:]
 
-    def example(pool):
-        mix, noun, prompt = rng.choice(pool)
+    # Second replies from a generator of their own: every draw of `rng`, so the rest of the data, stays the same.
+    second = random.Random(f"rejected-{args.seed}")
+
+    def reply(rng, mix, noun):
         kind = rng.choices(range(5), weights=MIXTURES[mix])[0]
         other = rng.choice(sorted(nouns - {noun}))
         good = f"{rng.choice(OPENERS)} {rng.choice(ADVICE)} {rng.choice(CLOSERS)}"
-        response = [good.format(n=noun), rng.choice(TOXIC).format(n=noun), rng.choice(DULL), good.format(n=other),
-                    " ".join(rng.choices(words, k=rng.randint(3, 12)))][kind]
-        return {"prompt": prompt, "response": response}
+        return [good.format(n=noun), rng.choice(TOXIC).format(n=noun), rng.choice(DULL), good.format(n=other),
+                " ".join(rng.choices(words, k=rng.randint(3, 12)))][kind]
 
-    return {"train": [example(seen) for _ in range(args.n_train)], "val": [example(seen) for _ in range(args.n_val)],
-            "test": [example(held_out) for _ in range(args.n_test)]}
+    def example(pool, paired=False):
+        mix, noun, prompt = rng.choice(pool)
+        record = {"prompt": prompt, "response": reply(rng, mix, noun)}
+        return {**record, "rejected": {"response": reply(second, mix, noun)}} if paired else record
+
+    return {"train": [example(seen, True) for _ in range(args.n_train)],
+            "val": [example(seen) for _ in range(args.n_val)], "test": [example(held_out) for _ in range(args.n_test)]}
 
 
 def toy_reward(prompts: list, responses: list) -> dict:
@@ -87,7 +94,12 @@ def reward(args, references: list):
 
 def load(args, reward_fn=None):
     reward_fn = reward_fn or toy_reward
-    return add_rewards(toy_splits(args), reward_fn), reward_fn
+    splits = toy_splits(args)
+    second = [{"prompt": r["prompt"], **r["rejected"]} for r in splits["train"]]
+    add_rewards({**splits, "second": second}, reward_fn)  # one call scores every reply
+    for r, s in zip(splits["train"], second):
+        r["rejected"]["rewards"] = s["rewards"]
+    return splits, reward_fn
 
 
 def data_files(args) -> list:

@@ -311,7 +311,7 @@ def test_uniform_schedule_is_shuffled_epochs():
 def test_resume_reproduces_uninterrupted_weights(toy, tmp_path, monkeypatch):
     args, train, tok = toy["args"], toy["train"], toy["tok"]
     args = dataclasses.replace(args, save_every=2, batch_size=16)
-    data = {k: v[:64] for k, v in train.items()}
+    data = alol.take(train, torch.arange(64))  # its first 64 examples (and their pairs)
     full = load_policy(toy["path"], args)
     alol.train_policy(full, tok, data, "nll", str(tmp_path / "full"), args, 2, 1e-3)
 

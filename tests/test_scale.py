@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LR = 1e-3
 TINY = ["--device", "cpu", "--kernel", "torch", "--n-train", "192", "--n-val", "16", "--n-test", "8",
         "--value-samples", "2", "--value-epochs", "2", "--batch-size", "16", "--ref-epochs", "2", "--epochs", "1",
-        "--eval-max-new-tokens", "6", "--eval-batch-size", "4", "--report-to", "none", "--algo", "nll,a_lol",
+        "--eval-max-new-tokens", "6", "--eval-batch-size", "4", "--report-to", "none", "--algo", "nll,a_lol,dpo",
         "--lr", str(LR), "--ref-lr", str(LR)]
 
 
@@ -61,7 +61,7 @@ def test_two_processes_follow_one_process_with_twice_the_accumulation(runs):
     level gradient differences can change that step only where the gradient itself is at rounding level; so the
     largest difference stays below one step (lr) and the mean far below it. A missing or doubled gradient sync, or
     a wrong slice of the batch, changes every weight's update by O(lr) per step."""
-    for stage in ("reference", "nll", "a_lol"):
+    for stage in ("reference", "nll", "a_lol", "dpo"):  # dpo: two forward passes (its replies) per backward
         one, two = weights(runs / "one", stage), weights(runs / "two", stage)
         diff = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
         assert diff.max() < LR and diff.mean() < LR * 1e-3, (stage, diff.max(), diff.mean())
@@ -69,6 +69,7 @@ def test_two_processes_follow_one_process_with_twice_the_accumulation(runs):
     one, two = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     # log-probs are sums over a 128-wide model of weights that differ by ~1e-6: far below 1e-3 in log space
     assert torch.allclose(one["ref_logp"], two["ref_logp"], atol=1e-3) and torch.allclose(one["value"], two["value"], atol=1e-3)
+    assert torch.allclose(one["ref_logp_rejected"], two["ref_logp_rejected"], atol=1e-3)
     results = [json.load(open(runs / name / "results.json")) for name in ("one", "two")]
     for name in ("reference", *results[0]["algos"]):  # generations seeded by batch position: the same text
         a, b = [r["reference"] if name == "reference" else r["methods"][name] for r in results]
@@ -87,7 +88,7 @@ def test_resume_of_a_killed_two_process_run(runs):
     job.wait()
     assert not (runs / "cut" / "results.json").exists()  # killed before the end
     launch(runs, "cut", 2, "--save-every", "1", "--resume")
-    for stage in ("reference", "nll", "a_lol"):
+    for stage in ("reference", "nll", "a_lol", "dpo"):  # dpo: two forward passes (its replies) per backward
         two, cut = weights(runs / "two", stage), weights(runs / "cut", stage)
         assert all(torch.equal(two[k], cut[k]) for k in two), stage
 
