@@ -15,13 +15,11 @@ caches, input checks, model loading, torchrun, trackers, the command line) in th
     python alol.py --help           # every setting, grouped
 """
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 
@@ -40,7 +38,7 @@ import models
 import rundir
 import tasks.jsonl
 import tracking
-from cli import AlolError, opt
+from cli import opt
 from distributed import data_parallel, mean_over_processes, shard_map, world
 from scoring import score
 
@@ -70,8 +68,7 @@ class Args:
     train_file: str = opt("", "JSONL with prompt, response and reward (or a dict `rewards`); replaces the task's data")
     val_file: str = opt("", "JSONL of the same form; its prompts train the value head")
     test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
-    n_train: int = opt(8000, "training examples: toy generates this many; reddit and hh keep at most this many "
-                       "(0 = all)")
+    n_train: int = opt(8000, "training examples: toy generates this many; other tasks keep at most this many (0 = all)")
     n_val: int = opt(600, "validation examples (value-head prompts); reddit: per CSV file; hh: conversations held out "
                      "of train")
     n_test: int = opt(400, "test examples (toy: prompts unseen in training); reddit: per CSV file; hh: per test subset")
@@ -107,8 +104,7 @@ class Args:
     # bigger models
     lora_r: int = opt(0, "LoRA rank (peft): train adapters on a frozen base instead of every weight; 0 = full training")
     lora_alpha: float = opt(16.0, "LoRA scale alpha (the update is alpha/r * B A)")
-    lora_dropout: float = opt(0.0, "LoRA dropout; keep 0: dropout would make the ratio pi/pi_ref differ from 1 at "
-                              "step 0")
+    lora_dropout: float = opt(0.0, "LoRA dropout; keep 0, or the ratio pi/pi_ref is not 1 at step 0")
     lora_targets: str = opt("all-linear", "modules that get adapters (peft's target_modules; a comma list of names, or "
                             "all-linear: every linear layer but the output layer)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, ~30% slower")
@@ -227,11 +223,8 @@ def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
     """Pure sampling (temperature 1, no top-k/top-p: the policy's own distribution) or the deterministic decode,
     in batches of --eval-batch-size (shared out over the processes under torchrun)."""
     model.eval()
-    if sample:
-        decode = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
-    else:
-        decode = {"do_sample": False, "num_beams": args.eval_num_beams,
-                  "repetition_penalty": args.eval_repetition_penalty}
+    decode = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample else \
+        {"do_sample": False, "num_beams": args.eval_num_beams, "repetition_penalty": args.eval_repetition_penalty}
     # Left padding and left truncation: new tokens are appended at the right end (encode() pads on its own).
     tok.padding_side = tok.truncation_side = "left"
 
@@ -591,10 +584,7 @@ def main(args: Args) -> dict:
     checks.preflight(args, splits, reward_fn, tok, ref, [a for a in algos if a in PAIR_ALGOS])
     out_dir = rundir.prepare(args, caches.run_fingerprints(args, reward_fn, task.data_files(args)))
     train = encode(splits["train"], tok, args)
-    print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
-                        subsequent_indent="  "), f"\nrun directory: {out_dir}")
-    print(f"global batch: {args.batch_size} sequences x {args.grad_accum} micro-batches x {world()[1]} processes = "
-          f"{args.batch_size * args.grad_accum * world()[1]} per optimiser step")
+    tracking.print_settings(args, out_dir)  # every setting, the run directory, the global batch
 
     # The reference policy: given, or NLL on the training data from the initial policy (the paper's recipe)
     ref_dir = os.path.join(out_dir, "reference")
@@ -630,11 +620,7 @@ def main(args: Args) -> dict:
     print(f"value head: held-out MSE {v['heldout_mse']:.3f} (a constant predictor: {v['heldout_mse_of_mean']:.3f}); "
           f"A = R - V: mean {a['mean']:+.3f}, median {a['median']:+.3f}, {a['frac_positive']:.1%} positive "
           f"({int((advantage > 0).sum())} of {len(advantage)} examples kept by A-LoL)")
-    if any(algo.startswith("a_lol") for algo in algos) and not (advantage > 0).any():
-        raise AlolError(f"every training advantage A = R - V(x) is <= 0 (max {advantage.max():.3f}): the reference "
-                        "policy already earns at least the reward of every offline response, so A-LoL has nothing to "
-                        "learn from. Check the rewards of --train-file, or use a weaker reference. Run kept in "
-                        f"{out_dir}.")
+    checks.something_to_learn(advantage, algos, out_dir)  # A-LoL needs some A > 0
 
     # Each method from the same reference, then its evaluation
     results["methods"] = {}

@@ -98,3 +98,12 @@ def preflight(args, splits: dict, reward_fn, tok, model, pair_algos=()):
         except OSError as e:
             raise AlolError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: cannot write there ({e.strerror})") \
                 from None
+
+
+def something_to_learn(advantage, algos: list, out_dir: str):
+    """A-LoL trains on A > 0 only: with none, say why instead of training on nothing."""
+    if any(algo.startswith("a_lol") for algo in algos) and not (advantage > 0).any():
+        raise AlolError(f"every training advantage A = R - V(x) is <= 0 (max {advantage.max():.3f}): the reference "
+                        "policy already earns at least the reward of every offline response, so A-LoL has nothing to "
+                        "learn from. Check the rewards of --train-file, or use a weaker reference. Run kept in "
+                        f"{out_dir}.")

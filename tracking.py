@@ -1,14 +1,16 @@
-"""Trackers, curves and the report: every training row to TensorBoard, W&B or trackio; curves.png; results.json,
-results.md and results.png."""
+"""Trackers, curves and the report: the settings printed, every training row to TensorBoard, W&B or trackio;
+curves.png; results.json, results.md and results.png."""
 import dataclasses
 import importlib
 import json
 import os
+import textwrap
 
 import torch
 
-from distributed import is_main
+from distributed import is_main, world
 from rundir import write_atomic
+
 
 class Tracker:
     """--report-to: every row logged to log.jsonl also goes to each chosen tracker, one run per stage named
@@ -139,3 +141,11 @@ def advantage_stats(advantage: torch.Tensor) -> dict:
     return {"mean": advantage.mean().item(), "std": advantage.std().item(), "min": advantage.min().item(),
             "p10": q[0].item(), "median": q[1].item(), "p90": q[2].item(), "max": advantage.max().item(),
             "frac_positive": (advantage > 0).float().mean().item()}
+
+
+def print_settings(args, out_dir: str):
+    """The resolved settings (what config.json keeps), the run directory and the global batch."""
+    print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
+                        subsequent_indent="  "), f"\nrun directory: {out_dir}")
+    print(f"global batch: {args.batch_size} sequences x {args.grad_accum} micro-batches x {world()[1]} processes = "
+          f"{args.batch_size * args.grad_accum * world()[1]} per optimiser step")

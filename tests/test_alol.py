@@ -15,6 +15,7 @@ import torch
 
 import alol
 import caches
+import cli
 import distributed
 import kernels
 import models
@@ -359,7 +360,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path, bad, message):
     train = write_jsonl(tmp_path / "train.jsonl", [GOOD, "", bad, GOOD])  # line 2 is blank
     other = write_jsonl(tmp_path / "other.jsonl", [GOOD])
     args = small_args(tmp_path, "--train-file", train, "--val-file", other, "--test-file", other)
-    with pytest.raises(alol.AlolError, match=message):
+    with pytest.raises(cli.AlolError, match=message):
         alol.main(args)
     assert not (tmp_path / "run").exists()  # nothing written
 
@@ -367,7 +368,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path, bad, message):
 def test_missing_data_file(tmp_path):
     other = write_jsonl(tmp_path / "other.jsonl", [GOOD])
     args = small_args(tmp_path, "--train-file", str(tmp_path / "nope.jsonl"), "--val-file", other, "--test-file", other)
-    with pytest.raises(alol.AlolError, match=r"--train-file: no such file: .*nope\.jsonl"):
+    with pytest.raises(cli.AlolError, match=r"--train-file: no such file: .*nope\.jsonl"):
         alol.main(args)
     assert not (tmp_path / "run").exists()
 
@@ -395,16 +396,16 @@ def test_help_lists_every_setting(capsys):
 def test_out_dir_holding_another_run(tmp_path):
     args = small_args(tmp_path)
     rundir.prepare(args, {})
-    with pytest.raises(alol.AlolError, match="already holds a different run .*seed.*--overwrite"):
+    with pytest.raises(cli.AlolError, match="already holds a different run .*seed.*--overwrite"):
         rundir.prepare(small_args(tmp_path, "--seed", "5"), {})
-    with pytest.raises(alol.AlolError, match="already holds this run; pass --resume"):
+    with pytest.raises(cli.AlolError, match="already holds this run; pass --resume"):
         rundir.prepare(args, {})
     rundir.prepare(small_args(tmp_path, "--resume", "--algo", "all"), {})  # adding methods to the same run is fine
     rundir.prepare(small_args(tmp_path, "--seed", "5", "--overwrite"), {})
     assert json.load(open(tmp_path / "run" / "config.json"))["seed"] == 5
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(alol.AlolError, match="holds files that alol did not write"):
+    with pytest.raises(cli.AlolError, match="holds files that alol did not write"):
         rundir.prepare(small_args(tmp_path, "--out-dir", str(tmp_path / "precious"), "--overwrite"), {})
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
@@ -413,7 +414,7 @@ def test_value_head_needs_two_prompts(tmp_path):
     rows = [{"prompt": "r/pets : any tips for cats ?", "response": r, "reward": 1.0} for r in ["ok", "good luck !"] * 6]
     path = write_jsonl(tmp_path / "one_prompt.jsonl", rows)
     args = small_args(tmp_path, "--train-file", path, "--val-file", path, "--test-file", path)
-    with pytest.raises(alol.AlolError, match="2 or more distinct validation prompts"):
+    with pytest.raises(cli.AlolError, match="2 or more distinct validation prompts"):
         alol.main(args)
 
 
@@ -421,7 +422,7 @@ def test_all_advantages_non_positive_is_explained(tmp_path):
     rows = [{"prompt": f"r/pets : any tips for {n} ?", "response": "good luck !", "reward": 0.0} for n in ["cats", "dogs", "fish"] * 8]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     args = small_args(tmp_path, "--train-file", train, "--val-file", train, "--test-file", train)
-    with pytest.raises(alol.AlolError, match=r"every training advantage A = R - V\(x\) is <= 0"):
+    with pytest.raises(cli.AlolError, match=r"every training advantage A = R - V\(x\) is <= 0"):
         alol.main(args)
 
 

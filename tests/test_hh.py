@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import alol
 import caches
 import checks
+import cli
 import models
 import reward_models
 import tasks.hh
@@ -154,7 +155,7 @@ def test_any_one_logit_classifier_reads_conversation_and_reply(hh, tmp_path):
     assert list(got) == ["preference"] and torch.allclose(got["preference"], torch.sigmoid(logits), atol=1e-5)
     transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**config)).save_pretrained(
         tmp_path / "deberta")  # two classes
-    with pytest.raises(alol.AlolError, match="deberta: expected a reward model with one logit, got 2 classes"):
+    with pytest.raises(cli.AlolError, match="deberta: expected a reward model with one logit, got 2 classes"):
         reward_fn(prompts, ["a", "b"])
 
 
@@ -164,7 +165,7 @@ def test_no_hub_and_no_cache_names_the_dataset_within_seconds_and_bad_data_is_on
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     start = time.time()
     args = alol.parse_args(["--task", "hh", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run")])
-    with pytest.raises(alol.AlolError, match=r"'Anthropic/hh-rlhf' is not a local folder, not in the Hugging Face "
+    with pytest.raises(cli.AlolError, match=r"'Anthropic/hh-rlhf' is not a local folder, not in the Hugging Face "
                                              r"cache.*HF_HUB_OFFLINE is set.*Download it"):
         alol.main(args)
     assert time.time() - start < 10 and not (tmp_path / "run").exists()
@@ -173,7 +174,7 @@ def test_no_hub_and_no_cache_names_the_dataset_within_seconds_and_bad_data_is_on
     (tmp_path / "partial" / "harmless-base").mkdir(parents=True)  # one subset of four downloaded
     with gzip.open(tmp_path / "partial" / "harmless-base" / "train.jsonl.gz", "wt") as f:
         f.write(json.dumps(conversations("harmless-base", "train", 1)[0]) + "\n")
-    with pytest.raises(alol.AlolError, match=r"--hh-dataset .*partial: cannot load the train and test splits of "
+    with pytest.raises(cli.AlolError, match=r"--hh-dataset .*partial: cannot load the train and test splits of "
                                              r"harmless-base \(KeyError: 'test'\)"):
         alol.main(alol.parse_args(["--task", "hh", "--hh-dataset", str(tmp_path / "partial"), "--cache-dir",
                                    str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run")]))

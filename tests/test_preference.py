@@ -13,6 +13,7 @@ import torch
 import alol
 import caches
 import checks
+import cli
 import models
 import tasks.toy
 
@@ -199,7 +200,7 @@ def test_jsonl_reads_an_optional_rejected_reply(tmp_path):
                                       {"response": "ok", "rewards": {"a": "0.5", "b": 0.0}}])
 def test_jsonl_refuses_a_bad_rejected_reply_naming_the_line(tmp_path, rejected):
     path = write_jsonl(tmp_path / "d.jsonl", [ROW, {**ROW, "rejected": rejected}])
-    with pytest.raises(alol.AlolError, match=r"d\.jsonl:2: 'rejected' must be .*\['a', 'b'\]"):
+    with pytest.raises(cli.AlolError, match=r"d\.jsonl:2: 'rejected' must be .*\['a', 'b'\]"):
         checks.read_jsonl(path, "--train-file")
 
 
@@ -211,7 +212,7 @@ def test_pair_methods_refuse_data_without_pairs_before_anything_is_written(tmp_p
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     args = alol.parse_args(["--device", "cpu", "--train-file", path, "--val-file", path, "--test-file", path, "--algo",
                             algo, "--out-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
-    with pytest.raises(alol.AlolError, match=rf"^--algo {algo.split(',')[-1]} trains on pairs of replies: 7 of the 8 "
+    with pytest.raises(cli.AlolError, match=rf"^--algo {algo.split(',')[-1]} trains on pairs of replies: 7 of the 8 "
                                              r"training examples have no dispreferred reply"):
         alol.main(args)
     assert not (tmp_path / "run").exists()
@@ -229,12 +230,12 @@ def test_all_means_the_methods_the_data_supports(tmp_path, monkeypatch, paired):
 
     def stop(args, splits, reward_fn, tok, model, pair_algos=()):  # stands in for the checks: methods resolved
         seen.append(list(pair_algos))
-        raise alol.AlolError("stopped")
+        raise cli.AlolError("stopped")
 
     monkeypatch.setattr(checks, "preflight", stop)
     args = alol.parse_args(["--device", "cpu", "--train-file", path, "--val-file", path, "--test-file", path,
                             "--algo", "all", "--out-dir", str(tmp_path / "run")])
-    with pytest.raises(alol.AlolError, match="stopped"):
+    with pytest.raises(cli.AlolError, match="stopped"):
         alol.main(args)
     assert seen == [["dpo", "pro"] if paired else []]
 

@@ -14,6 +14,7 @@ import transformers
 import alol
 import caches
 import checks
+import cli
 import models
 import tasks.reddit
 
@@ -137,20 +138,20 @@ def test_not_offensive_label_from_names():
     config = transformers.RobertaConfig(num_labels=2, id2label={0: "offensive", 1: "not-offensive"})
     assert tasks.reddit.not_offensive_label(config) == 1
     assert tasks.reddit.not_offensive_label(transformers.RobertaConfig(num_labels=2)) == 0  # LABEL_0/1: TweetEval's order
-    with pytest.raises(alol.AlolError):
+    with pytest.raises(cli.AlolError):
         tasks.reddit.not_offensive_label(transformers.RobertaConfig(num_labels=3))
 
 
 def test_missing_data_says_what_to_download(tmp_path):
     args = alol.parse_args(["--task", "reddit", "--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run")])
-    with pytest.raises(alol.AlolError, match=r"comments_positive\.csv and comments_negative\.csv.*Kaggle.*kaggle\.com.*nothing"):
+    with pytest.raises(cli.AlolError, match=r"comments_positive\.csv and comments_negative\.csv.*Kaggle.*kaggle\.com.*nothing"):
         alol.main(args)
     assert not (tmp_path / "run").exists()
 
 
 def test_unreachable_hub_fails_at_once(reddit, tmp_path, monkeypatch):
     start = time.time()
-    with pytest.raises(alol.AlolError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE is set"):
+    with pytest.raises(cli.AlolError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE is set"):
         models.hub_path("nobody/no-such-model")  # the tests run with HF_HUB_OFFLINE=1
     import huggingface_hub
 
@@ -162,9 +163,9 @@ def test_unreachable_hub_fails_at_once(reddit, tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     models.hub_unreachable.cache_clear()  # the probe's answer is kept for the run
-    with pytest.raises(alol.AlolError, match=r"the hub \(huggingface\.co\) cannot be reached \(Network is unreachable\)"):
+    with pytest.raises(cli.AlolError, match=r"the hub \(huggingface\.co\) cannot be reached \(Network is unreachable\)"):
         models.hub_path("nobody/no-such-model")
-    with pytest.raises(alol.AlolError, match="cannot be reached"):  # the whole run, before anything is written
+    with pytest.raises(cli.AlolError, match="cannot be reached"):  # the whole run, before anything is written
         alol.main(reddit_args(reddit, tmp_path, "--depth-model", "microsoft/DialogRPT-depth"))
     assert not (tmp_path / "run").exists() and time.time() - start < 30
     models.hub_unreachable.cache_clear()
