@@ -538,7 +538,7 @@ def main(args: Args) -> dict:
     tok = models.load_tokenizer(source) if source else models.bpe_tokenizer(splits["train"])
     ref = disable_dropout(models.load_policy(source, args) if source else models.tiny_gpt2(tok, args).to(args.device))
     checks.preflight(args, splits, reward_fn, tok, ref)
-    out_dir = rundir.prepare(args, caches.run_fingerprints(args, reward_fn, task.data_files(args)))
+    out_dir = rundir.prepare(args, caches.run_fingerprints(args, reward_fn, task.data_files(args), splits))
     train = encode(splits["train"], tok, args)
     print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()), 120,
                         subsequent_indent="  "), f"\nrun directory: {out_dir}")

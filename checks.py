@@ -68,6 +68,8 @@ def preflight(args, splits: dict, reward_fn, tok, model):
         if not 0 <= sum(r["rewards"].values()) <= k:
             raise AlolError(f"{r.get('source', 'data')}: reward {sum(r['rewards'].values())} is outside [0, {k}], the "
                             f"range of the reward function's {k} components in [0, 1]")
+    lora_targets(args, model)
+    positions(args, splits, tok, model)
     if args.max_response_len == 1:  # responses are never empty, so 1 token is the first that empties them
         print("warning: --max-response-len 1 cuts every response down to its final EOS: nothing else is trained")
     for kind in set(args.report_to.split(",")) - {"none"}:
@@ -82,3 +84,44 @@ def preflight(args, splits: dict, reward_fn, tok, model):
         except OSError as e:
             raise AlolError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: cannot write there ({e.strerror})") \
                 from None
+
+
+def lora_targets(args, model):
+    """--lora-targets name modules of this model, and not its output layer: the log-prob kernel reads the output
+    layer's weight directly (alol.token_logprobs), so an adapter there would never reach the loss."""
+    if not args.lora_r or args.lora_targets == "all-linear":  # peft's all-linear leaves the output layer out
+        return
+    names = [name for name, _ in model.named_modules()]
+    head = {name for name, m in model.named_modules() if m is model.get_output_embeddings()}
+    for target in args.lora_targets.split(","):
+        matched = {name for name in names if name == target or name.endswith("." + target)}  # peft's matching
+        if not matched:
+            raise AlolError(f"--lora-targets {target}: no module of the model is named so (its layers' modules: "
+                            f"{', '.join(sorted({n.rpartition('.')[2] for n in names if n.count('.') > 2})[:12])})")
+        if matched & head:
+            raise AlolError(f"--lora-targets {target}: the output layer cannot take an adapter, the log-prob kernel "
+                            "reads its weight directly, so the adapter would never reach the loss")
+
+
+def positions(args, splits: dict, tok, model):
+    """The longest prompt plus its response (training), and plus --eval-max-new-tokens (generation on the validation
+    and test prompts), within the model's positions; the error names the flag to change."""
+    limit = next((getattr(model.config, k) for k in ("n_positions", "max_position_embeddings", "n_ctx")
+                  if isinstance(getattr(model.config, k, None), int)), None)
+    if limit is None or args.max_prompt_len + max(args.max_response_len, args.eval_max_new_tokens) <= limit:
+        return  # no limit, or the settings' bound fits: no need to tokenize
+
+    def longest(texts, cut):
+        return max(min(len(ids), cut) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+
+    prompt = longest([r["prompt"] for r in splits["train"]], args.max_prompt_len)
+    response = longest([r["response"] for r in splits["train"]], args.max_response_len - 1) + 1  # + EOS
+    if prompt + response > limit:
+        raise AlolError(f"the longest training prompt ({prompt} tokens, --max-prompt-len {args.max_prompt_len}) plus "
+                        f"its response ({response}, --max-response-len {args.max_response_len}) exceed the model's "
+                        f"{limit} positions: lower --max-prompt-len or --max-response-len")
+    prompt = longest([r["prompt"] for name in ("val", "test") for r in splits[name]], args.max_prompt_len)
+    if prompt + args.eval_max_new_tokens > limit:
+        raise AlolError(f"the longest validation or test prompt ({prompt} tokens, --max-prompt-len "
+                        f"{args.max_prompt_len}) plus --eval-max-new-tokens {args.eval_max_new_tokens} exceed the "
+                        f"model's {limit} positions: lower --eval-max-new-tokens or --max-prompt-len")

@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from cli import AlolError
 
+read = {}  # name as given -> folder, of every model and tokenizer loaded: what --resume must find unchanged
+
 EOS = "<|endoftext|>"  # GPT-2's end of text: ends every response (a trained token) and DialoGPT's dialogue turns
 TOY_VOCAB = 600  # BPE merges for a ~150-word grammar: whole words, so responses are a few tokens each
 TOY_GPT2 = dict(n_embd=128, n_layer=2, n_head=4)  # ~0.5 M parameters: learns the grammar in a minute on 2 CPU cores
@@ -50,7 +52,7 @@ def hub_path(name: str, repo_type: str = "model") -> str:
 def from_pretrained(cls, name: str, **kwargs):
     """cls.from_pretrained(name) through hub_path; a folder that is not a model, a missing, incomplete or corrupt
     download is one line of error."""
-    path = hub_path(name)
+    path = read[name] = hub_path(name)
     transformers.utils.logging.disable_progress_bar()  # per-file load and save bars would drown alol's
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise AlolError(f"{name}: not a Hugging Face model folder (no config.json)")
