@@ -6,6 +6,10 @@ import math
 import os
 import tempfile
 
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+import models
 from cli import AlolError
 from scoring import score
 
@@ -91,16 +95,19 @@ def lora_targets(args, model):
     layer's weight directly (alol.token_logprobs), so an adapter there would never reach the loss."""
     if not args.lora_r or args.lora_targets == "all-linear":  # peft's all-linear leaves the output layer out
         return
-    names = [name for name, _ in model.named_modules()]
-    head = {name for name, m in model.named_modules() if m is model.get_output_embeddings()}
-    for target in args.lora_targets.split(","):
-        matched = {name for name in names if name == target or name.endswith("." + target)}  # peft's matching
+    modules = dict(model.named_modules())
+    adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)  # peft's
+    for target in models.lora_targets(args):
+        matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]  # as peft
         if not matched:
             raise AlolError(f"--lora-targets {target}: no module of the model is named so (its layers' modules: "
-                            f"{', '.join(sorted({n.rpartition('.')[2] for n in names if n.count('.') > 2})[:12])})")
-        if matched & head:
+                            f"{', '.join(sorted({n.rpartition('.')[2] for n in modules if n.count('.') > 2})[:12])})")
+        if any(m is model.get_output_embeddings() for m in matched):
             raise AlolError(f"--lora-targets {target}: the output layer cannot take an adapter, the log-prob kernel "
                             "reads its weight directly, so the adapter would never reach the loss")
+        for m in (m for m in matched if not isinstance(m, adaptable)):
+            raise AlolError(f"--lora-targets {target}: a {type(m).__name__} cannot take a LoRA adapter (linear, "
+                            "convolution and embedding layers can)")
 
 
 def positions(args, splits: dict, tok, model):

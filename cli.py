@@ -132,7 +132,8 @@ def run(main, parse_args, argv: list) -> int:
     """main(parse_args(argv)) with the errors a user meets as one line: a bad input, a full disk or non-finite
     training (exit 1); Ctrl-C (exit 130) or SIGTERM (exit 143) with the stage, the step and the command that resumes
     the run; under torchrun, a process that died, named by its rank, with the same command (exit 1)."""
-    import distributed  # here: distributed imports this module
+    import distributed  # here: they import this module
+    import rundir
 
     STOPPING.clear(), TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -185,6 +186,7 @@ def run(main, parse_args, argv: list) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        rundir.unlock()
 
 
 def stopped(error: BaseException, argv: list) -> str:

@@ -96,6 +96,12 @@ def tiny_gpt2(tok, args):
     return transformers.GPT2LMHeadModel(config)
 
 
+def lora_targets(args):
+    """--lora-targets for peft: all-linear, or a list of module names (peft reads one string as a regular expression
+    for the whole module name)."""
+    return args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+
+
 def for_training(policy, args):
     """With --lora-r: a fresh LoRA adapter on `policy` (peft, in place), returned; else None. With
     --gradient-checkpointing: activations recomputed in the backward pass."""
@@ -105,7 +111,7 @@ def for_training(policy, args):
 
         adapter = peft.get_peft_model(policy, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                               lora_dropout=args.lora_dropout,
-                                                              target_modules=args.lora_targets))
+                                                              target_modules=lora_targets(args)))
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return adapter

@@ -15,7 +15,7 @@ from distributed import barrier, from_main, is_main
 NOT_RUN_IDENTITY = {"algo", "resume", "overwrite", "out_dir", "device", "kernel", "cache_dir", "report_to"}
 RUN_MARKER = "alol_run"  # a key of config.json that only alol writes: --overwrite deletes no folder without it
 LOCK = ".alol.lock"  # in the run directory: flock-ed for the whole run, it holds the running process's pid
-held = {}  # run directory -> the open lock file, kept open (locked) until the process ends
+held = {}  # run directory -> the open lock file, kept open (locked) until the run ends (unlock)
 
 
 def write_atomic(path: str, content):
@@ -54,6 +54,12 @@ def lock(out: str) -> str:
     f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
     held[key] = f
     return ""
+
+
+def unlock():
+    """Release this process's run-directory locks: its run is over (the OS would at exit)."""
+    while held:
+        held.popitem()[1].close()
 
 
 def clear(out: str):

@@ -373,9 +373,10 @@ def reward_model_dir(model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("reward") / "rm"
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
-    reward_models.NeoXRewardModel(reward_models.NeoXRewardConfig(
+    model = reward_models.NeoXRewardModel(reward_models.NeoXRewardConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)).save_pretrained(path)
+        max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -479,7 +480,7 @@ def small_disk(tmp_path):
         return disk
 
     yield mount
-    subprocess.run(["umount", str(disk)], capture_output=True)
+    assert subprocess.run(["umount", str(disk)], capture_output=True).returncode in (0, 32)  # 32: not mounted
 
 
 @pytest.mark.parametrize("when", ["first checkpoint", "later checkpoint"])
@@ -557,6 +558,7 @@ def test_sigterm_says_how_to_resume_and_exits_143(tmp_path, monkeypatch, capsys)
      r"--lora-targets nosuchmodule: no module of the model is named so"),
     (["--lora-r", "4", "--lora-targets", "lm_head"], 1,
      r"--lora-targets lm_head: the output layer cannot take an adapter"),
+    (["--lora-r", "4", "--lora-targets", "ln_1"], 1, r"--lora-targets ln_1: a LayerNorm cannot take a LoRA adapter"),
     (["--max-prompt-len", "40", "--max-response-len", "30"], 1,
      r"the longest training prompt \(40 tokens, --max-prompt-len 40\) plus its response \(\d+, --max-response-len 30\) "
      r"exceed the model's 56 positions: lower --max-prompt-len or --max-response-len"),
@@ -573,6 +575,16 @@ def test_settings_and_fit_are_checked_before_anything_is_written(tmp_path, model
     code, err, _, reached = run(argv, monkeypatch, capsys)
     assert code == exit_code and re.search(message, err) and not reached
     assert not (tmp_path / "run").exists()  # no config.json: fixing the flag needs no --overwrite
+
+
+def test_lora_targets_named_as_the_help_says_get_adapters(model_dir):
+    """A comma list of module names (peft would read one string as a regular expression for whole names, matching
+    none, and fail after config.json was written)."""
+    args = alol.parse_args(["--device", "cpu", "--lora-r", "4", "--lora-targets", "c_attn,c_fc"])
+    adapter = models.for_training(models.load_policy(str(model_dir), args), args)
+    adapted = {name.rpartition(".lora_A")[0].rpartition(".")[2] for name, _ in adapter.named_parameters()
+               if ".lora_A" in name}
+    assert adapted == {"c_attn", "c_fc"}
 
 
 def test_triton_kernel_without_cuda_is_refused_first(tmp_path, monkeypatch, capsys):
