@@ -1,7 +1,6 @@
 """Checkpoints and resume: a training stage's log.jsonl, checkpoint/ (weights, optimiser state, step), best/ (the
 best validated weights) and trackers; with --resume a stage continues from its last checkpoint."""
 import errno
-import io
 import json
 import math
 import os
@@ -22,16 +21,24 @@ from tracking import Tracker
 CHECKSUMS = "checksums.json"  # a checkpoint's last file: the sha256 of every other one
 
 
-def saved_bytes(model, state: bytes) -> int:
+def tensor_bytes(x) -> int:
+    """Bytes of the tensors in x, a tensor or nested dicts and lists of them (an optimiser's state)."""
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    return sum(tensor_bytes(v) for v in values)
+
+
+def saved_bytes(model, state: dict) -> int:
     """About what save() writes: the weights save_pretrained keeps (a tied weight once; a LoRA adapter's alone) and
     the state."""
     if hasattr(model, "peft_config"):
         import peft
 
-        weights = peft.get_peft_model_state_dict(model).values()
+        weights = list(peft.get_peft_model_state_dict(model).values())
     else:
-        weights = {t.data_ptr(): t for t in model.state_dict().values()}.values()
-    return sum(t.numel() * t.element_size() for t in weights) + len(state)
+        weights = list({t.data_ptr(): t for t in model.state_dict().values()}.values())
+    return tensor_bytes(weights) + tensor_bytes(state)
 
 
 def verified(folder: str) -> bool:
@@ -51,23 +58,21 @@ def save(model, tok, ckpt: str, state: dict):
     (one line: the path, the space needed and free) loses nothing. Rank 0 writes; the others wait until it has."""
     if is_main():
         transformers.utils.logging.disable_progress_bar()  # a bar per saved file would drown alol's
-        tmp, buffer = ckpt + ".tmp", io.BytesIO()
-        torch.save(state, buffer)
+        tmp = ckpt + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        needed = saved_bytes(model, buffer.getvalue())
+        needed = saved_bytes(model, state)
         if shutil.disk_usage(os.path.dirname(os.path.abspath(ckpt))).free < needed:
             raise disk_full(tmp, needed)
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            with open(os.path.join(tmp, "trainer_state.pt"), "wb") as f:
-                f.write(buffer.getvalue())
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
             sums = {f: file_sha256(os.path.join(tmp, f)) for f in os.listdir(tmp)}
             with open(os.path.join(tmp, CHECKSUMS), "w") as f:
                 f.write(json.dumps(sums))
         except Exception as e:  # torch and safetensors raise their own errors on a full disk, not always OSError
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(ckpt))).free  # with the partial files: ~0 if full
             shutil.rmtree(tmp, ignore_errors=True)
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(ckpt))).free
             if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed:
                 raise disk_full(tmp, needed) from None
             raise

@@ -135,7 +135,8 @@ def run(main, parse_args, argv: list) -> int:
     import distributed  # here: they import this module
     import rundir
 
-    STOPPING.clear(), TERMINATED.clear()
+    STOPPING.clear()
+    TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         try:
@@ -147,8 +148,7 @@ def run(main, parse_args, argv: list) -> int:
             STOPPING.append(e)
             raise
     except AlolError as e:
-        print(f"error: {e}" + (f"; free space, then {stopped(e, argv).partition('; ')[2]}" if isinstance(e, DiskFull)
-                               else ""), file=sys.stderr)
+        print(f"error: {e}{free_then(e, argv) if isinstance(e, DiskFull) else ''}", file=sys.stderr)
         return 1
     except FloatingPointError as e:  # raised by train_step before the update: nothing non-finite was saved
         training = where(e)[1]
@@ -166,8 +166,7 @@ def run(main, parse_args, argv: list) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         path = e.filename or where(e)[2] or os.getcwd()  # a write() names no file: the run directory
-        print(f"error: disk full: cannot write {path} ({free_mib(path)}); free space, then "
-              f"{stopped(e, argv).partition('; ')[2]}", file=sys.stderr)
+        print(f"error: disk full: cannot write {path} ({free_mib(path)}){free_then(e, argv)}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # gloo and NCCL raise RuntimeErrors when a peer process is gone
         if not dist.is_initialized():
@@ -187,6 +186,12 @@ def run(main, parse_args, argv: list) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         rundir.unlock()
+
+
+def free_then(error: BaseException, argv: list) -> str:
+    """What to do after a full disk: free space, then resume the run, or run it again if it wrote nothing yet."""
+    hint = stopped(error, argv).partition("; ")[2]
+    return f"; free space, then {hint}" if hint.startswith("to continue") else "; free space and run it again"
 
 
 def stopped(error: BaseException, argv: list) -> str:

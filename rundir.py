@@ -51,7 +51,10 @@ def lock(out: str) -> str:
         f.close()
         return f"--out-dir {out} is in use by another alol run (pid {holder}); wait for it to end, or choose another "\
             "--out-dir"
-    f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
     held[key] = f
     return ""
 
@@ -66,14 +69,18 @@ def clear(out: str):
     """Delete what the run directory holds but its lock, which this run keeps; `out` may be a symlink to it."""
     for name in set(os.listdir(out)) - {LOCK}:
         path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def read_config(out: str):
     """The run's config.json; None for a folder that is missing or empty (but for a lock), {} for foreign files."""
+    if not (os.path.isdir(out) and set(os.listdir(out)) - {LOCK}):
+        return None
     try:
-        return json.load(open(os.path.join(out, "config.json"))) if os.path.isdir(out) and set(os.listdir(out)) - {
-            LOCK} else None
+        return json.load(open(os.path.join(out, "config.json")))
     except (OSError, ValueError):
         return {}
 

@@ -483,15 +483,20 @@ def small_disk(tmp_path):
     assert subprocess.run(["umount", str(disk)], capture_output=True).returncode in (0, 32)  # 32: not mounted
 
 
-@pytest.mark.parametrize("when", ["first checkpoint", "later checkpoint"])
+@pytest.mark.parametrize("when", ["first checkpoint", "later checkpoint", "while writing"])
 def test_disk_full_is_one_line_keeps_the_last_checkpoint_and_resume_works(tmp_path, small_disk, monkeypatch, capsys,
                                                                           when):
+    """A full disk found before a checkpoint is written, or while it is (the estimate of its size made too low:
+    safetensors and torch.save then fail with errors of their own)."""
     argv = base(tmp_path, "--algo", "nll", "--save-every", "2", "--report-to", "none")  # 3 reference steps
     splits, _ = tasks.toy.load(alol.parse_args(argv))
     n = sum(p.numel() for p in models.tiny_gpt2(models.bpe_tokenizer(splits["train"]), alol.parse_args(argv))
             .parameters())
     checkpoint = 12 * n  # fp32 weights and AdamW's two moments: a checkpoint is at least this
-    disk = small_disk(3 * 2**20 if when == "first checkpoint" else int(1.5 * checkpoint))  # one fits, not two
+    disk = small_disk(int(1.5 * checkpoint) if when == "later checkpoint" else 3 * 2**20)  # one fits, not two
+    if when == "while writing":
+        real = checkpoints.saved_bytes
+        monkeypatch.setattr(checkpoints, "saved_bytes", lambda *a: real(*a) // 3)
     argv = argv[:argv.index("--out-dir") + 1] + [str(disk / "run")] + argv[argv.index("--out-dir") + 2:]
     code, err, _, _ = run(argv, monkeypatch, capsys, stop_at_reference=False)
     assert code == 1 and one_line(err, r"^error: disk full: writing .*/reference/checkpoint\.tmp needs about [\d.]+ "
@@ -501,6 +506,7 @@ def test_disk_full_is_one_line_keeps_the_last_checkpoint_and_resume_works(tmp_pa
         assert checkpoints.verified(ckpt) and torch.load(ckpt / "trainer_state.pt")["step"] == 2
     else:
         assert not ckpt.exists()
+    assert not (disk / "run" / "reference" / "checkpoint.tmp").exists()  # the partial files are deleted
     small_disk(64 * 2**20, remount=True)
     code, err, _, _ = run(argv + ["--resume"], monkeypatch, capsys, stop_at_reference=False)
     assert code == 0, err
