@@ -84,7 +84,7 @@ def settings_error(args, algos: list) -> str:
     if args.clip_eps is not None and not (math.isfinite(args.clip_eps) and args.clip_eps > 0):
         return "--clip-eps must be a finite number > 0, or `none` for no clipping"
     positive = ("lr", "ref_lr", "value_lr", "max_grad_norm", "eval_repetition_penalty", "lora_alpha")
-    non_negative = ("weight_decay", "kl_beta", "lora_dropout", "lora_r")  # lora_dropout < 1: below
+    non_negative = ("weight_decay", "kl_beta", "lora_dropout", "lora_r")  # lora_dropout also < 1 (below)
     for k in positive + non_negative:  # a negative clip norm or decay silently ascends the loss; NaN spreads
         value = getattr(args, k)
         if not math.isfinite(value) or value < 0 or (value == 0 and k in positive):
@@ -156,8 +156,9 @@ def run(main, parse_args, argv: list) -> int:
               f"updating or saving the weights. Try a lower learning rate (now {training['lr']}) or --max-grad-norm.",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # a SIGTERM that came while an error was being caught: where that error was
-        e = e.__context__ if isinstance(e, Terminated) and e.__context__ is not None else e
+    except KeyboardInterrupt as e:
+        if where(e)[2] is None and e.__context__ is not None and where(e.__context__)[2]:
+            e = e.__context__  # a SIGTERM raised here, as another error was caught: the run stopped where that was
         code = 143 if TERMINATED else 130
         if distributed.is_main():  # every process got the signal: one line
             print(f"\n{'terminated (SIGTERM)' if TERMINATED else 'interrupted'} in {stopped(e, argv)}", file=sys.stderr)
