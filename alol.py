@@ -582,7 +582,7 @@ def main(args: Args) -> dict:
     paired = all("rejected" in r for r in splits["train"])  # `all` adds dpo and pro where the data has pairs
     algos = ALGOS + PAIR_ALGOS * paired if args.algo == "all" else args.algo.split(",")
     checks.preflight(args, splits, reward_fn, tok, ref, [a for a in algos if a in PAIR_ALGOS])
-    out_dir = rundir.prepare(args, caches.run_fingerprints(args, reward_fn, task.data_files(args)))
+    out_dir = rundir.prepare(args, caches.run_fingerprints(args, reward_fn, task.data_files(args), splits))
     train = encode(splits["train"], tok, args)
     tracking.print_settings(args, out_dir)  # every setting, the run directory, the global batch
 

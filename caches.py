@@ -10,7 +10,10 @@ import types
 import torch
 import torch.nn as nn
 
+import models
 from checks import read_jsonl
+from cli import AlolError
+from distributed import world
 from rundir import write_atomic
 from scoring import add_rewards
 
@@ -70,11 +73,30 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()[:20]
 
 
-def run_fingerprints(args, reward_fn, data_files: list) -> dict:
-    """What the run reads, for --resume to refuse a change: the reward function's code and each data file's sha256
-    (the --train-file, --val-file, --test-file given, else the task's own data files)."""
+def folder_sha256(path: str) -> str:
+    """sha256 over the files of a model folder (weights, config, tokenizer), not its subfolders."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if os.path.isfile(os.path.join(path, name)):
+            h.update(f"{name}={file_sha256(os.path.join(path, name))}".encode())
+    return h.hexdigest()[:20]
+
+
+def run_fingerprints(args, reward_fn, data_files: list, splits: dict) -> dict:
+    """What the run is built from, for --resume to refuse a change: the number of processes and the global batch
+    (they set the schedule), the reward function's code, the data as read (`splits`, every task's) and each data
+    file's sha256 (the --train-file, --val-file, --test-file given, else the task's own), and the files of every
+    model read so far by a --...-model flag (the policy or LoRA base and the reward models, which preflight has
+    called)."""
     files = [getattr(args, f"{s}_file") for s in ("train", "val", "test")] if args.train_file else data_files
-    return {"reward function code": code_fingerprint(reward_fn), **{f: file_sha256(f) for f in files}}
+    flags = [k for k in vars(args) if k.endswith("model") and getattr(args, k) in models.read]
+    return {"processes": world()[1], "global batch": args.batch_size * args.grad_accum * world()[1],
+            "reward function code": code_fingerprint(reward_fn),
+            "data": hashlib.sha256(json.dumps({name: [{k: v for k, v in r.items() if k != "source"} for r in records]
+                                               for name, records in splits.items()},  # source: where, not what
+                                              sort_keys=True).encode()).hexdigest()[:20],
+            **{f"--{k.replace('_', '-')} files": folder_sha256(models.read[getattr(args, k)]) for k in flags},
+            **{f: file_sha256(f) for f in files}}
 
 
 def frozen(ref, train: dict, val: dict, reward_fn, args, compute) -> dict:
@@ -124,6 +146,9 @@ def scored_splits(cache: str, names: tuple, build, make_reward):
     if os.path.isdir(cache) and not cached:
         print(f"warning: the data cache {cache} is incomplete or altered: preparing and scoring it again")
     parts = {name: read_jsonl(path, "cached data") for name, path in files.items()} if cached else build()
+    empty = [name for name in names if not parts[name]]
+    if empty:  # fails the first run, not every later one that reads the cache back
+        raise AlolError(f"the task's {empty[0]} split holds no examples after parsing; nothing is cached")
     reward_fn = make_reward(parts)
     if not cached:
         add_rewards(parts, reward_fn)

@@ -1,5 +1,6 @@
 """Checkpoints and resume: a training stage's log.jsonl, checkpoint/ (weights, optimiser state, step), best/ (the
 best validated weights) and trackers; with --resume a stage continues from its last checkpoint."""
+import errno
 import json
 import math
 import os
@@ -9,23 +10,81 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from caches import file_sha256
+from cli import disk_full
 from distributed import barrier, is_main
 from models import load_policy
 from rundir import write_atomic
 from tracking import Tracker
 
 
+CHECKSUMS = "checksums.json"  # a checkpoint's last file: the sha256 of every other one
+
+
+def tensor_bytes(x) -> int:
+    """Bytes of the tensors in x, a tensor or nested dicts and lists of them (an optimiser's state)."""
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    return sum(tensor_bytes(v) for v in values)
+
+
+def saved_bytes(model, state: dict) -> int:
+    """About what save() writes: the weights save_pretrained keeps (a tied weight once; a LoRA adapter's alone) and
+    the state."""
+    if hasattr(model, "peft_config"):
+        import peft
+
+        weights = list(peft.get_peft_model_state_dict(model).values())
+    else:
+        weights = list({t.data_ptr(): t for t in model.state_dict().values()}.values())
+    return tensor_bytes(weights) + tensor_bytes(state)
+
+
+def verified(folder: str) -> bool:
+    """Whether save() finished `folder`: its checksums file, written last, matches every file in it."""
+    try:
+        sums = json.load(open(os.path.join(folder, CHECKSUMS)))
+        files = set(os.listdir(folder)) - {CHECKSUMS}
+        return set(sums) == files and all(file_sha256(os.path.join(folder, f)) == sums[f] for f in files)
+    except (OSError, ValueError):
+        return False
+
+
 def save(model, tok, ckpt: str, state: dict):
     """`save_pretrained` format (the whole model, loadable with from_pretrained; or a peft LoRA adapter) plus `state`
-    (the optimiser's, for --resume; the validation reward, for best/) in trainer_state.pt, written last: a
-    checkpoint.tmp that holds it is complete. Rank 0 writes; the others wait until it has."""
+    (the optimiser's, for --resume; the validation reward, for best/) in trainer_state.pt, and CHECKSUMS written last:
+    a checkpoint.tmp whose checksums verify is complete. The previous checkpoint is deleted only then, so a full disk
+    (one line: the path, the space needed and free) loses nothing. Rank 0 writes; the others wait until it has."""
     if is_main():
         transformers.utils.logging.disable_progress_bar()  # a bar per saved file would drown alol's
-        shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
-        model.save_pretrained(ckpt + ".tmp")
-        tok.save_pretrained(ckpt + ".tmp")
-        torch.save(state, os.path.join(ckpt + ".tmp", "trainer_state.pt"))
+        tmp = ckpt + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = saved_bytes(model, state)
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(ckpt))).free < needed:
+            raise disk_full(tmp, needed)
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            sums = {f: file_sha256(os.path.join(tmp, f)) for f in os.listdir(tmp)}
+            with open(os.path.join(tmp, CHECKSUMS), "w") as f:
+                f.write(json.dumps(sums))
+        except Exception as e:  # torch and safetensors raise their own errors on a full disk, not always OSError
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(ckpt))).free  # with the partial files: ~0 if full
+            shutil.rmtree(tmp, ignore_errors=True)
+            if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed:
+                raise disk_full(tmp, needed) from None
+            raise
         shutil.rmtree(ckpt, ignore_errors=True)
+        os.replace(tmp, ckpt)
+    barrier()
+
+
+def recover(ckpt: str, args):
+    """With --resume, a save() stopped between deleting `ckpt` and renaming ckpt.tmp: the .tmp is the new checkpoint
+    if its checksums verify (a partial one never counts)."""
+    if args.resume and is_main() and not os.path.exists(ckpt) and verified(ckpt + ".tmp"):
         os.replace(ckpt + ".tmp", ckpt)
     barrier()
 
@@ -43,11 +102,7 @@ def load_weights(model, ckpt: str, args):
 def resume(model, optim, sched, ckpt: str, log_path: str, args) -> int:
     """The step to continue from: 0 for a fresh stage; else the checkpoint's weights and optimiser state are loaded
     and log.jsonl is cut back to that step (rows written after it, or cut short by the kill, are dropped)."""
-    tmp_state = os.path.join(ckpt + ".tmp", "trainer_state.pt")
-    finished = args.resume and not os.path.exists(ckpt) and os.path.exists(tmp_state)
-    if finished and is_main():
-        os.replace(ckpt + ".tmp", ckpt)  # killed between save()'s delete and rename: the new one is complete
-    barrier()
+    recover(ckpt, args)
     if not (args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))):
         return 0
     load_weights(model, ckpt, args)
@@ -71,6 +126,7 @@ class Stage:
         self.ckpt, self.best_dir = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "best")
         log_path = os.path.join(run_dir, "log.jsonl")
         os.makedirs(run_dir, exist_ok=True)
+        recover(self.best_dir, args)  # the selection is kept as the checkpoint is
         self.start = resume(model, optim, sched, self.ckpt, log_path, args)
         if validate is None or not args.eval_every:
             self.every = 0

@@ -6,6 +6,10 @@ import math
 import os
 import tempfile
 
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+import models
 from cli import AlolError
 from scoring import score
 
@@ -84,6 +88,8 @@ def preflight(args, splits: dict, reward_fn, tok, model, pair_algos=()):
             if part and not 0 <= sum(part["rewards"].values()) <= k:
                 raise AlolError(f"{r.get('source', 'data')}{which}: reward {sum(part['rewards'].values())} is outside "
                                 f"[0, {k}], the range of the reward function's {k} components in [0, 1]")
+    lora_targets(args, model)
+    positions(args, splits, tok, model)
     if args.max_response_len == 1:  # responses are never empty, so 1 token is the first that empties them
         print("warning: --max-response-len 1 cuts every response down to its final EOS: nothing else is trained")
     for kind in set(args.report_to.split(",")) - {"none"}:
@@ -98,6 +104,51 @@ def preflight(args, splits: dict, reward_fn, tok, model, pair_algos=()):
         except OSError as e:
             raise AlolError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: cannot write there ({e.strerror})") \
                 from None
+
+
+def lora_targets(args, model):
+    """--lora-targets name modules of this model, and not its output layer: the log-prob kernel reads the output
+    layer's weight directly (alol.token_logprobs), so an adapter there would never reach the loss."""
+    if not args.lora_r or args.lora_targets == "all-linear":  # peft's all-linear leaves the output layer out
+        return
+    modules = dict(model.named_modules())
+    adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)  # peft's
+    for target in models.lora_targets(args):
+        matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]  # as peft
+        if not matched:
+            raise AlolError(f"--lora-targets {target}: no module of the model is named so (its layers' modules: "
+                            f"{', '.join(sorted({n.rpartition('.')[2] for n in modules if n.count('.') > 2})[:12])})")
+        if any(m is model.get_output_embeddings() for m in matched):
+            raise AlolError(f"--lora-targets {target}: the output layer cannot take an adapter, the log-prob kernel "
+                            "reads its weight directly, so the adapter would never reach the loss")
+        for m in (m for m in matched if not isinstance(m, adaptable)):
+            raise AlolError(f"--lora-targets {target}: a {type(m).__name__} cannot take a LoRA adapter (linear, "
+                            "convolution and embedding layers can)")
+
+
+def positions(args, splits: dict, tok, model):
+    """The longest prompt plus its response (training), and plus --eval-max-new-tokens (generation on the validation
+    and test prompts), within the model's positions; the error names the flag to change."""
+    limit = next((getattr(model.config, k) for k in ("n_positions", "max_position_embeddings", "n_ctx")
+                  if isinstance(getattr(model.config, k, None), int)), None)
+    if limit is None or args.max_prompt_len + max(args.max_response_len, args.eval_max_new_tokens) <= limit:
+        return  # no limit, or the settings' bound fits: no need to tokenize
+
+    def longest(texts, cut):
+        return max(min(len(ids), cut) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+
+    prompt = longest([r["prompt"] for r in splits["train"]], args.max_prompt_len)
+    replies = [x["response"] for r in splits["train"] for x in (r, r.get("rejected")) if x]  # pairs' included
+    response = longest(replies, args.max_response_len - 1) + 1  # + EOS
+    if prompt + response > limit:
+        raise AlolError(f"the longest training prompt ({prompt} tokens, --max-prompt-len {args.max_prompt_len}) plus "
+                        f"its response ({response}, --max-response-len {args.max_response_len}) exceed the model's "
+                        f"{limit} positions: lower --max-prompt-len or --max-response-len")
+    prompt = longest([r["prompt"] for name in ("val", "test") for r in splits[name]], args.max_prompt_len)
+    if prompt + args.eval_max_new_tokens > limit:
+        raise AlolError(f"the longest validation or test prompt ({prompt} tokens, --max-prompt-len "
+                        f"{args.max_prompt_len}) plus --eval-max-new-tokens {args.eval_max_new_tokens} exceed the "
+                        f"model's {limit} positions: lower --eval-max-new-tokens or --max-prompt-len")
 
 
 def something_to_learn(advantage, algos: list, out_dir: str):

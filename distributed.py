@@ -1,6 +1,8 @@
 """torchrun helpers: the process group, who writes, batches shared out over processes, DistributedDataParallel."""
 import os
+import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -19,9 +21,42 @@ def init(device: str) -> str:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    PEERS[:] = [None] * world()[1]  # (host, pid) of every rank: a survivor names the process that died
+    dist.all_gather_object(PEERS, (socket.gethostname(), os.getpid()))
     if not is_main():
         sys.stdout = open(os.devnull, "w")
     return device
+
+
+PEERS = []
+
+
+def dead_ranks(wait: float = 2.0) -> list:
+    """The ranks on this node whose process has exited (a zombie counts), polled for up to `wait` seconds: a peer's
+    sockets close a moment before its process is gone."""
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] not in "ZX"
+        except OSError:
+            return False
+
+    deadline = time.time() + wait
+    while True:
+        dead = [r for r, (host, pid) in enumerate(PEERS) if host == socket.gethostname() and not alive(pid)]
+        if dead or time.time() > deadline:
+            return dead
+        time.sleep(0.1)
+
+
+def from_main(value):
+    """Rank 0's `value` on every process (itself without torchrun): a decision only rank 0 can make, such as taking
+    the run directory's lock, taken by all."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def world() -> tuple:

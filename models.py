@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from cli import AlolError
 
+read = {}  # name as given -> folder, of every model and tokenizer loaded: what --resume must find unchanged
+
 EOS = "<|endoftext|>"  # GPT-2's end of text: ends every response (a trained token) and DialoGPT's dialogue turns
 TOY_VOCAB = 600  # BPE merges for a ~150-word grammar: whole words, so responses are a few tokens each
 TOY_GPT2 = dict(n_embd=128, n_layer=2, n_head=4)  # ~0.5 M parameters: learns the grammar in a minute on 2 CPU cores
@@ -50,7 +52,7 @@ def hub_path(name: str, repo_type: str = "model") -> str:
 def from_pretrained(cls, name: str, **kwargs):
     """cls.from_pretrained(name) through hub_path; a folder that is not a model, a missing, incomplete or corrupt
     download is one line of error."""
-    path = hub_path(name)
+    path = read[name] = hub_path(name)
     transformers.utils.logging.disable_progress_bar()  # per-file load and save bars would drown alol's
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise AlolError(f"{name}: not a Hugging Face model folder (no config.json)")
@@ -94,6 +96,12 @@ def tiny_gpt2(tok, args):
     return transformers.GPT2LMHeadModel(config)
 
 
+def lora_targets(args):
+    """--lora-targets for peft: all-linear, or a list of module names (peft reads one string as a regular expression
+    for the whole module name)."""
+    return args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+
+
 def for_training(policy, args):
     """With --lora-r: a fresh LoRA adapter on `policy` (peft, in place), returned; else None. With
     --gradient-checkpointing: activations recomputed in the backward pass."""
@@ -103,7 +111,7 @@ def for_training(policy, args):
 
         adapter = peft.get_peft_model(policy, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                               lora_dropout=args.lora_dropout,
-                                                              target_modules=args.lora_targets))
+                                                              target_modules=lora_targets(args)))
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return adapter

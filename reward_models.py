@@ -22,11 +22,20 @@ def classifier_scores(path: str, texts: list, args, label=None, pairs=None, max_
     tok = load_tokenizer(path)
     tok.padding_side, tok.truncation_side = "right", "left"  # right padding: the positions 0..n-1 of training
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    model = from_pretrained(transformers.AutoModelForSequenceClassification, path, dtype=dtype).to(args.device).eval()
+    model, loading = from_pretrained(transformers.AutoModelForSequenceClassification, path, dtype=dtype,
+                                     output_loading_info=True)
+    untrained = sorted(set(loading["missing_keys"]) & dict(model.named_parameters()).keys())
+    if untrained:  # e.g. a causal LM: transformers gives it a classification head of random weights
+        kind = ", ".join(model.config.architectures or []) or model.config.model_type
+        raise AlolError(f"{path}: not a trained reward model or classifier ({kind}): its weights lack "
+                        f"{', '.join(untrained[:2])}, which would be random")
+    model = model.to(args.device).eval()
     model.config.pad_token_id = tok.pad_token_id  # GPT-2 classifiers take the last token before the padding
     if model.config.num_labels > 1 and label is None:  # a reward model, which has one logit, was expected
         raise AlolError(f"{path}: expected a reward model with one logit, got {model.config.num_labels} classes")
     index = None if model.config.num_labels == 1 else label(model.config)
+    if index is not None and not 0 <= index < model.config.num_labels:
+        raise AlolError(f"{path}: expected a classifier with class {index}, got {model.config.num_labels} classes")
     texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
     pairs = pairs and [t or tok.eos_token for t in pairs]
     out = []

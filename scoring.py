@@ -25,6 +25,9 @@ def score(reward_fn, prompts: list, responses: list) -> dict:
             raise AlolError(f"reward function {name} failed on {n} examples: {type(e).__name__}: {e}") from None
         if not components or not all(isinstance(k, str) for k in components):
             raise AlolError(f"reward function {name} returned {str(out)[:80]}; expected {{name: {n} values in [0, 1]}}")
+        if "reward" in components:  # R's key: R would replace the component, and the components would lose it
+            raise AlolError(f"reward function {name}: a component is named 'reward', the name of their sum R; "
+                            "rename it")
         for key, v in components.items():
             if v.shape != (n,) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
                 raise AlolError(f"reward function {name}: component {key!r} must be {n} finite values in [0, 1], got "

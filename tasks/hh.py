@@ -92,9 +92,14 @@ def hh_splits(args) -> dict:
         parts[f"test-{subset}"] = list(filter(None, map(hh_record, test)))[:args.n_test]
     random.Random(HH_SPLIT_SEED).shuffle(pool)
     val, train = pool[:args.n_val], pool[args.n_val:][:args.n_train or None]
-    return {"train_chosen": list(filter(None, (hh_record(row["chosen"]) for row in train))),
-            "train_rejected": list(filter(None, (hh_record(row["rejected"]) for row in train))),
-            "val": list(filter(None, (hh_record(row["chosen"]) for row in val))), **parts}
+    splits = {"train_chosen": list(filter(None, (hh_record(row["chosen"]) for row in train))),
+              "train_rejected": list(filter(None, (hh_record(row["rejected"]) for row in train))),
+              "val": list(filter(None, (hh_record(row["chosen"]) for row in val))), **parts}
+    for name in (name for name, records in splits.items() if not records):  # else cached empty: every rerun fails
+        where = f"{name[5:]}/test.jsonl.gz" if name.startswith("test-") else "<every subset>/train.jsonl.gz"
+        raise AlolError(f"--hh-dataset {args.hh_dataset}: {where}: no {name.partition('_')[2] or 'chosen'} transcript "
+                        f"ends in a non-empty Assistant turn, so the {name} split is empty")
+    return splits
 
 
 def load(args, reward_fn=None):

@@ -7,17 +7,27 @@ import multiprocessing
 import os
 import re
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 import alol
+import caches
+import checkpoints
 import checks
 import models
+import reward_models
 import rundir
+import tasks.hh
 import tasks.toy
+from cli import AlolError
 from conftest import run_cli
 
 GOOD = {"prompt": "r/pets : any tips for cats ?", "response": "good luck !", "reward": 1.5}
@@ -327,3 +337,323 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes_a_complete_checkpoint_tmp
 def test_warning_when_truncation_empties_responses(tmp_path, monkeypatch, capsys):
     code, _, out, reached = run(base(tmp_path, "--max-response-len", "1"), monkeypatch, capsys)
     assert reached and "warning: --max-response-len 1 cuts every response down to its final EOS" in out
+
+
+# ---- round 2 (issue 21): run identity, one run per folder, disk full, SIGTERM, settings and data checked first ----
+ALOL = str(Path(__file__).resolve().parent.parent / "alol.py")
+
+
+def one_line(err, pattern):
+    return len(err.strip().splitlines()) == 1 and re.search(pattern, err)
+
+
+def hh_flags(tmp_path, model_dir, reward_model, data, *extra):
+    return base(tmp_path, "--task", "hh", "--hh-dataset", str(data), "--model", str(model_dir), "--hh-reward-model",
+                str(reward_model), "--n-train", "0", "--n-val", "4", "--n-test", "2", "--batch-size", "4",
+                "--grad-accum", "1", "--max-prompt-len", "24", "--max-response-len", "8", "--algo", "nll", *extra)
+
+
+def hh_dataset(path, chosen=lambda subset, split, i: "Sure, step by step.", rejected=lambda *a: "No."):
+    """The hub's hh-rlhf layout, a few conversations per subset and split; chosen/rejected(subset, split, i) give the
+    final assistant replies (None: the transcript ends on a human turn)."""
+    for subset in tasks.hh.HH_SUBSETS:
+        (path / subset).mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", 4), ("test", 2)):
+            rows = [{side: f"\n\nHuman: {split} {i}: any tips for {subset}?" + (
+                "" if reply(subset, split, i) is None else f"\n\nAssistant: {reply(subset, split, i)}")
+                for side, reply in (("chosen", chosen), ("rejected", rejected))} for i in range(n)]
+            with gzip.open(path / subset / f"{split}.jsonl.gz", "wt") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(model_dir, tmp_path_factory):
+    """A one-logit reward model of OpenAssistant's kind (HH's default), tiny and random, with the policy's tokenizer."""
+    path = tmp_path_factory.mktemp("reward") / "rm"
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = reward_models.NeoXRewardModel(reward_models.NeoXRewardConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def perturb(model_dir, cls=transformers.AutoModelForCausalLM):
+    """One weight of a saved model changed in place, as a retrained or re-downloaded model would be."""
+    model = cls.from_pretrained(model_dir)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0
+    model.save_pretrained(model_dir)
+
+
+# 1. The run's identity: anything it was built from, changed, refuses --resume
+@pytest.mark.parametrize("flag", ["--model", "--ref-model", "--lora-base"])
+def test_resume_after_a_model_changed_is_refused(tmp_path, model_dir, monkeypatch, capsys, flag):
+    shutil.copytree(model_dir, tmp_path / "policy")
+    flags = ["--model", str(tmp_path / "policy"), "--lora-r", "4"] if flag == "--lora-base" else \
+        [flag, str(tmp_path / "policy")]
+    argv = base(tmp_path, *flags, "--algo", "nll")
+    assert run(argv, monkeypatch, capsys)[3]
+    perturb(tmp_path / "policy")
+    code, err, _, reached = run(argv + ["--resume"], monkeypatch, capsys)
+    name = "--model" if flag == "--lora-base" else flag
+    assert code == 1 and one_line(err, rf"differs in: {name} files\)") and not reached
+
+
+def test_resume_after_the_task_data_or_its_reward_model_changed_is_refused(tmp_path, model_dir, reward_model_dir,
+                                                                            monkeypatch, capsys):
+    """HH reads a dataset folder and a reward model, neither named by a data file: the data as read and the reward
+    model's files are part of the run's identity."""
+    shutil.copytree(reward_model_dir, tmp_path / "rm")
+    data = hh_dataset(tmp_path / "hh")
+    argv = hh_flags(tmp_path, model_dir, tmp_path / "rm", data)
+    assert run(argv, monkeypatch, capsys)[3]
+    hh_dataset(data, chosen=lambda subset, split, i: "Sure, step by step." if i else "Edited.")
+    code, err, _, reached = run(argv + ["--resume"], monkeypatch, capsys)
+    assert code == 1 and one_line(err, r"differs in: data\)") and not reached
+    hh_dataset(data)  # back as it was: the run resumes
+    assert run(argv + ["--resume"], monkeypatch, capsys)[3]
+    perturb(tmp_path / "rm", reward_models.NeoXRewardModel)
+    code, err, _, reached = run(argv + ["--resume"], monkeypatch, capsys)
+    assert code == 1 and one_line(err, r"differs in: --hh-reward-model files\)") and not reached
+
+
+def test_resume_that_would_drop_methods_is_refused(tmp_path, monkeypatch, capsys):
+    argv = base(tmp_path, "--algo", "nll,a_lol")
+    assert run(argv, monkeypatch, capsys)[3]
+    code, err, _, reached = run(argv + ["--resume", "--algo", "nll"], monkeypatch, capsys)
+    assert code == 1 and one_line(err, r"--resume with --algo nll would drop a_lol from this run's results: pass "
+                                       r"--algo nll,a_lol") and not reached
+    assert run(argv + ["--resume", "--algo", "nll,a_lol,wbc"], monkeypatch, capsys)[3]  # adding one is fine
+
+
+def test_resume_keeps_the_selection_of_a_best_tmp(tmp_path, monkeypatch, capsys):
+    """Killed between deleting best/ and renaming best.tmp: the selected step survives --resume."""
+    argv = base(tmp_path, "--algo", "nll", "--eval-every", "1", "--report-to", "none")
+    assert run(argv, monkeypatch, capsys, stop_at_reference=False)[0] == 0
+    first = json.load(open(tmp_path / "run" / "results.json"))
+    best = tmp_path / "run" / "nll" / "best"
+    os.replace(best, str(best) + ".tmp")
+    (tmp_path / "run" / "results.json").unlink()
+    code, err, _, _ = run(argv + ["--resume"], monkeypatch, capsys, stop_at_reference=False)
+    assert code == 0, err
+    again = json.load(open(tmp_path / "run" / "results.json"))
+    assert again["methods"]["nll"]["selected"] == first["methods"]["nll"]["selected"] is not None
+
+
+# 2. One live run per folder
+def test_one_live_run_per_folder_and_a_dead_runs_lock_is_taken_over(tmp_path, monkeypatch, capsys):
+    argv = base(tmp_path, "--algo", "nll", "--ref-epochs", "2000", "--report-to", "none")
+    live = subprocess.Popen([sys.executable, ALOL, *argv], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "reference" / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        before = sorted(p.name for p in (tmp_path / "run").iterdir())
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code, err, _, reached = run(argv + extra, monkeypatch, capsys)
+            assert code == 1 and one_line(err, rf"--out-dir .*run is in use by another alol run \(pid {live.pid}\)")
+            assert not reached
+        assert live.poll() is None and sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    finally:
+        live.kill()  # as a crash: the lock file stays, the OS frees the lock
+        live.wait()
+    assert run(argv + ["--resume"], monkeypatch, capsys)[3]
+
+
+# 3. Disk full
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a tmpfs of `size` bytes; remount(size) resizes it (needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(size, remount=False):
+        options = f"{'remount,' if remount else ''}size={size // 1024}k"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+        return disk
+
+    yield mount
+    assert subprocess.run(["umount", str(disk)], capture_output=True).returncode in (0, 32)  # 32: not mounted
+
+
+@pytest.mark.parametrize("when", ["first checkpoint", "later checkpoint", "while writing"])
+def test_disk_full_is_one_line_keeps_the_last_checkpoint_and_resume_works(tmp_path, small_disk, monkeypatch, capsys,
+                                                                          when):
+    """A full disk found before a checkpoint is written, or while it is (the estimate of its size made too low:
+    safetensors and torch.save then fail with errors of their own)."""
+    argv = base(tmp_path, "--algo", "nll", "--save-every", "2", "--report-to", "none")  # 3 reference steps
+    splits, _ = tasks.toy.load(alol.parse_args(argv))
+    n = sum(p.numel() for p in models.tiny_gpt2(models.bpe_tokenizer(splits["train"]), alol.parse_args(argv))
+            .parameters())
+    checkpoint = 12 * n  # fp32 weights and AdamW's two moments: a checkpoint is at least this
+    disk = small_disk(int(1.5 * checkpoint) if when == "later checkpoint" else 3 * 2**20)  # one fits, not two
+    if when == "while writing":
+        real = checkpoints.saved_bytes
+        monkeypatch.setattr(checkpoints, "saved_bytes", lambda *a: real(*a) // 3)
+    argv = argv[:argv.index("--out-dir") + 1] + [str(disk / "run")] + argv[argv.index("--out-dir") + 2:]
+    code, err, _, _ = run(argv, monkeypatch, capsys, stop_at_reference=False)
+    assert code == 1 and one_line(err, r"^error: disk full: writing .*/reference/checkpoint\.tmp needs about [\d.]+ "
+                                       r"MiB, [\d.]+ MiB are free; free space, then to continue: python .* --resume$")
+    ckpt = disk / "run" / "reference" / "checkpoint"
+    if when == "later checkpoint":  # the previous one is intact
+        assert checkpoints.verified(ckpt) and torch.load(ckpt / "trainer_state.pt")["step"] == 2
+    else:
+        assert not ckpt.exists()
+    assert not (disk / "run" / "reference" / "checkpoint.tmp").exists()  # the partial files are deleted
+    small_disk(64 * 2**20, remount=True)
+    code, err, _, _ = run(argv + ["--resume"], monkeypatch, capsys, stop_at_reference=False)
+    assert code == 0, err
+    assert [json.loads(r)["step"] for r in open(disk / "run" / "reference" / "log.jsonl")] == [1, 2, 3]
+
+
+def test_a_partial_checkpoint_tmp_is_not_taken_for_a_complete_one(tmp_path, monkeypatch, capsys):
+    """Disk full (or a kill) while checkpoint.tmp was written, after an earlier delete left no checkpoint/: its
+    truncated trainer_state.pt does not verify, so --resume starts the stage again instead of failing on it."""
+    argv = base(tmp_path, "--algo", "nll", "--save-every", "2", "--report-to", "none")
+    assert run(argv, monkeypatch, capsys, stop_at_reference=False)[0] == 0
+    ckpt = tmp_path / "run" / "reference" / "checkpoint"
+    os.replace(ckpt, str(ckpt) + ".tmp")
+    state = Path(str(ckpt) + ".tmp") / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2])
+    (tmp_path / "run" / "results.json").unlink()
+    code, err, _, _ = run(argv + ["--resume"], monkeypatch, capsys, stop_at_reference=False)
+    assert code == 0, err
+    assert torch.load(ckpt / "trainer_state.pt")["step"] == 3 and checkpoints.verified(ckpt)
+
+
+# 4. SIGTERM, as schedulers send it (torchrun: tests/test_faults_mp.py)
+def test_sigterm_says_how_to_resume_and_exits_143(tmp_path, monkeypatch, capsys):
+    argv = base(tmp_path, "--algo", "nll", "--n-train", "96", "--save-every", "2", "--report-to", "none")
+    real, steps = alol.train_step, []
+
+    def sigterm_at_fourth_reference_step(*a, **kw):
+        steps.append(a[6] is None)
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def killed(*a):  # what SIGTERM would do to pytest if alol did not handle it
+        raise Killed
+
+    monkeypatch.setattr(alol, "train_step", sigterm_at_fourth_reference_step)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        code, err, _, _ = run(argv, monkeypatch, capsys, stop_at_reference=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and err.strip() == ("terminated (SIGTERM) in training nll, step 4; to continue: python "
+                                           f"{sys.argv[0]} {shlex.join(argv + ['--resume'])}")
+    monkeypatch.setattr(alol, "train_step", real)
+    assert run(argv + ["--resume"], monkeypatch, capsys, stop_at_reference=False)[0] == 0
+
+
+# 5. Every setting and every model-data fit, checked before anything is written
+@pytest.mark.parametrize("flags,exit_code,message", [
+    (["--lora-r", "4", "--lora-dropout", "1.5"], 2, r"--lora-dropout must be in \[0, 1\)"),
+    (["--lora-r", "4", "--lora-targets", "c_attn,nosuchmodule"], 1,
+     r"--lora-targets nosuchmodule: no module of the model is named so"),
+    (["--lora-r", "4", "--lora-targets", "lm_head"], 1,
+     r"--lora-targets lm_head: the output layer cannot take an adapter"),
+    (["--lora-r", "4", "--lora-targets", "ln_1"], 1, r"--lora-targets ln_1: a LayerNorm cannot take a LoRA adapter"),
+    (["--max-prompt-len", "40", "--max-response-len", "30"], 1,
+     r"the longest training prompt \(40 tokens, --max-prompt-len 40\) plus its response \(\d+, --max-response-len 30\) "
+     r"exceed the model's 56 positions: lower --max-prompt-len or --max-response-len"),
+    (["--max-prompt-len", "40", "--max-response-len", "8", "--eval-max-new-tokens", "32"], 1,
+     r"plus --eval-max-new-tokens 32 exceed the model's 56 positions: lower --eval-max-new-tokens"),
+])
+def test_settings_and_fit_are_checked_before_anything_is_written(tmp_path, model_dir, monkeypatch, capsys, flags,
+                                                                  exit_code, message):
+    rows = [{**GOOD, "prompt": f"r/pets : any tips for {pet} ? " * 12, "response": "good luck ! " * 12}
+            for pet in ("cats", "dogs", "fish")]
+    files = [flag for split in ("train", "val", "test") for flag in (f"--{split}-file", jsonl(tmp_path, split, rows))]
+    argv = base(tmp_path, "--model", str(model_dir), *files, *flags)
+    argv = argv[:argv.index("--eval-max-new-tokens")] + argv[argv.index("--eval-max-new-tokens") + 2:]  # the default
+    code, err, _, reached = run(argv, monkeypatch, capsys)
+    assert code == exit_code and re.search(message, err) and not reached
+    assert not (tmp_path / "run").exists()  # no config.json: fixing the flag needs no --overwrite
+
+
+def test_lora_targets_named_as_the_help_says_get_adapters(model_dir):
+    """A comma list of module names (peft would read one string as a regular expression for whole names, matching
+    none, and fail after config.json was written)."""
+    args = alol.parse_args(["--device", "cpu", "--lora-r", "4", "--lora-targets", "c_attn,c_fc"])
+    adapter = models.for_training(models.load_policy(str(model_dir), args), args)
+    adapted = {name.rpartition(".lora_A")[0].rpartition(".")[2] for name, _ in adapter.named_parameters()
+               if ".lora_A" in name}
+    assert adapted == {"c_attn", "c_fc"}
+
+
+def test_triton_kernel_without_cuda_is_refused_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err, _, reached = run(base(tmp_path, "--kernel", "triton"), monkeypatch, capsys)
+    assert code == 2 and "--kernel triton needs CUDA" in err and not reached and not (tmp_path / "run").exists()
+
+
+# 6. Task data that parses to an empty split
+@pytest.mark.parametrize("empty,message", [
+    ("a test subset", r"helpful-online/test\.jsonl\.gz: no chosen transcript ends in a non-empty Assistant turn, so "
+                      r"the test-helpful-online split is empty"),
+    ("the rejected side", r"<every subset>/train\.jsonl\.gz: no rejected transcript ends in a non-empty Assistant "
+                          r"turn, so the train_rejected split is empty"),
+])
+def test_an_empty_split_fails_the_first_run_and_is_not_cached(tmp_path, model_dir, reward_model_dir, monkeypatch,
+                                                               capsys, empty, message):
+    if empty == "a test subset":
+        data = hh_dataset(tmp_path / "hh", chosen=lambda subset, split, i: None if (subset, split) == (
+            "helpful-online", "test") else "Sure.")
+    else:
+        data = hh_dataset(tmp_path / "hh", rejected=lambda *a: None)
+    code, err, _, reached = run(hh_flags(tmp_path, model_dir, reward_model_dir, data), monkeypatch, capsys)
+    assert code == 1 and one_line(err, message) and not reached
+    assert not list((tmp_path / "cache").rglob("*.jsonl")) and not (tmp_path / "run").exists()
+
+
+def test_no_cache_of_an_empty_split_is_written(tmp_path):
+    with pytest.raises(AlolError, match="the task's val split holds no examples after parsing; nothing is cached"):
+        caches.scored_splits(str(tmp_path / "cache"), ("train", "val"), lambda: {"train": [GOOD], "val": []},
+                             lambda parts: None)
+    assert not (tmp_path / "cache").exists()
+
+
+# 7. Smaller ones
+def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path, model_dir, monkeypatch, capsys):
+    code, err, _, reached = run(hh_flags(tmp_path, model_dir, model_dir, hh_dataset(tmp_path / "hh")), monkeypatch,
+                                capsys)
+    assert code == 1 and not reached and one_line(err, r"gpt2: not a trained reward model or classifier "
+                                                       r"\(GPT2LMHeadModel\): its weights lack score\.weight")
+
+
+def test_overwrite_through_a_symlinked_out_dir(tmp_path, monkeypatch, capsys):
+    argv = base(tmp_path)
+    assert run(argv, monkeypatch, capsys)[3]
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    code, err, _, reached = run(argv + ["--out-dir", str(tmp_path / "link"), "--overwrite"], monkeypatch, capsys)
+    assert code is None and reached, err
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "run" / "config.json").exists()
+
+
+def test_help_prints_every_help_text():
+    out = subprocess.run([sys.executable, ALOL, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "~30% slower" in out.stdout and "option_strings" not in out.stdout + out.stderr
+
+
+def test_a_reward_component_named_reward_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "named_reward.py").write_text("import torch\ndef score(p, r):\n    return {'reward': torch.full("
+                                              "(len(r),), 0.5), 'b': torch.full((len(r),), 0.5)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = data_flags(tmp_path, [{**GOOD, "rewards": {"reward": 0.5, "b": 0.5}}] * 4) + ["--reward-fn",
+                                                                                         "named_reward:score"]
+    code, err, _, reached = run(base(tmp_path, *flags), monkeypatch, capsys)
+    assert code == 1 and one_line(err, r"reward function score: a component is named 'reward', the name of their sum "
+                                       r"R; rename it") and not reached
