@@ -111,7 +111,8 @@ class Args:
     max_grad_norm: float = opt(1.0, "gradient-norm clip (official: 1.0)")
     clip_eps: float = opt(0.9, "importance weight clipped to [1-eps, 1+eps]; `none` = no clip (official HH: 0.9)")
     kl_beta: float = opt(0.1, "beta of a_lol_kl")
-    priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (the official -ts option)")
+    priority_sampling: bool = opt(True, "the official -ts option: A-LoL variants keep A>0 only and draw P ~ A+; wbc, "
+                                  "r_gold and r_lol draw P ~ R; nll is uniform (shuffled epochs)")
     save_every: int = opt(100, "optimiser steps between checkpoints (always saved at the end)")
     # bigger models
     lora_r: int = opt(0, "LoRA rank (peft): train adapters on a frozen base instead of every weight; 0 = full training")
@@ -454,8 +455,8 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
                  priority=None, validate=None):
     """Train `policy` in place with `algo` for `epochs`; checkpoints, log.jsonl and best/ go to run_dir
     (checkpoints.Stage), and --resume continues from the last checkpoint with the same batches and optimiser state,
-    so the weights end up identical. frozen: the reference's cached quantities (train_step); priority: A+ for
-    priority sampling, or None. validate(policy) -> validation reward, every --eval-every steps: the best step's
+    so the weights end up identical. frozen: the reference's cached quantities (train_step); priority: A+ or R
+    for priority sampling, or None. validate(policy) -> validation reward, every --eval-every steps: the best step's
     weights are the result. With --lora-r a LoRA adapter is trained, then merged. Returns {step, val_reward} of the
     selected step, or None. Under torchrun every step's global batch is split over the processes."""
     adapter = models.for_training(policy, args)  # a fresh LoRA adapter with --lora-r, else None
@@ -590,7 +591,9 @@ def main(args: Args) -> dict:
     for i, algo in enumerate(algos):
         ref_weights = "model" if args.lora_r else "best" if args.eval_every else "checkpoint"
         policy = disable_dropout(models.load_policy(args.ref_model or os.path.join(ref_dir, ref_weights), args))
-        priority = advantage.clamp(min=0) if algo.startswith("a_lol") and args.priority_sampling else None
+        # The official -ts: the A-LoL variants draw P ~ A+, the reward-weighted baselines P ~ R, nll uniformly
+        priority = None if algo == "nll" or not args.priority_sampling else \
+            advantage.clamp(min=0) if algo.startswith("a_lol") else train["reward"]
         start = time.time()
         selected = train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr,
                                 frozen, priority, validate)
