@@ -82,9 +82,11 @@ class Args:
     n_test: int = opt(400, "test examples (toy: prompts unseen in training); reddit: per CSV file; hh: per test subset")
     max_prompt_len: int = opt(24, "prompt tokens kept (left-truncated: the end of the prompt matters most)")
     max_response_len: int = opt(32, "response tokens kept incl. the final EOS (right-truncated)")
-    hh_dataset: str = opt("Anthropic/hh-rlhf", "hh: Hugging Face dataset id, or a folder of its layout (<subset>/"
-                          "train.jsonl.gz, test.jsonl.gz)")
-    hh_train: str = opt("chosen", "hh: offline replies: `chosen` (the paper's) or `both`, chosen and rejected pooled")
+    hh_dataset: str = opt("Anthropic/hh-rlhf", "hh: a folder in PRO's processed layout (hh_train_len2/, hh_dev/, "
+                          "hh_test/: the paper's data), or Anthropic/hh-rlhf (a hub id, or a folder of its layout "
+                          "<subset>/{train,test}.jsonl.gz) processed as PRO did")
+    hh_train: str = opt("preferred", "hh: offline replies: `preferred` by the reward model (the paper's), Anthropic's "
+                        "`chosen`, or `both` replies of every pair")
     # rewards
     reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
     fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response")
@@ -93,12 +95,16 @@ class Args:
     updown_model: str = opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) of parent+reply")
     hh_reward_model: str = opt("OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "hh: sigmoid of this reward model "
                                "(the paper's for train and validation; or any one-logit sequence classifier)")
+    hh_test_reward_model: str = opt("OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1", "hh: the reward model that scores "
+                                    "the test set (the paper's)")
     # reference policy
     model: str = opt("", "Hugging Face id or path of the initial policy; empty = the task's own tiny GPT-2")
     ref_model: str = opt("", "path of a trained reference policy; skips the NLL reference stage")
     ref_epochs: int = opt(3, "epochs of NLL on the training data that make the reference (the paper's recipe)")
     ref_lr: float = opt(1e-3, "learning rate of the reference stage")
     # value estimate
+    value_target: str = opt("sampled", "V's target per validation prompt: the mean reward of --value-samples samples, "
+                            "or of one deterministic decode (`greedy`, the official HH's)")
     value_samples: int = opt(8, "reference samples per validation prompt; V's target is their mean reward")
     value_epochs: int = opt(30, "value-head epochs; the best held-out epoch is kept")
     value_lr: float = opt(1e-3, "value-head learning rate")
@@ -108,6 +114,9 @@ class Args:
     batch_size: int = opt(64, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step (the update equals one batch_size*grad_accum batch)")
     weight_decay: float = opt(0.01, "AdamW weight decay (official: 0.01)")
+    adam_eps: float = opt(1e-8, "AdamW epsilon (official Reddit: torch's 1e-8; HH: 1e-6)")
+    lr_schedule: str = opt("linear", "learning rate over the optimiser steps: `linear` decay to 0, or `constant` (the "
+                           "official HH's)")
     max_grad_norm: float = opt(1.0, "gradient-norm clip (official: 1.0)")
     clip_eps: float = opt(0.9, "importance weight clipped to [1-eps, 1+eps]; `none` = no clip (official HH: 0.9)")
     kl_beta: float = opt(0.1, "beta of a_lol_kl")
@@ -128,6 +137,8 @@ class Args:
     eval_max_new_tokens: int = opt(32, "generated tokens per test prompt, and per reference sample for V(x)")
     eval_num_beams: int = opt(1, "beams of the deterministic decode (1 = greedy)")
     eval_repetition_penalty: float = opt(1.0, "repetition penalty of the deterministic decode")
+    eval_stop: str = opt("", "strings that end a generation besides EOS, `|`-separated (every decode: test, "
+                         "validation, V's targets)")
     eval_batch_size: int = opt(200, "sequences per batch of every pass without gradient: generation (test and V's "
                                "samples), reward models, reference log-probs and V(x)")
 
@@ -237,6 +248,9 @@ def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
     else:
         decode = {"do_sample": False, "num_beams": args.eval_num_beams,
                   "repetition_penalty": args.eval_repetition_penalty}
+    if args.eval_stop:  # stop strings are matched on the decoded text, so generate() needs the tokenizer
+        decode.update(stop_strings=args.eval_stop.split("|"), tokenizer=tok)
+    finish = getattr(tasks.get(args.task), "postprocess", str.strip)  # the task's cut of a reply (HH: at a next turn)
     # Left padding and left truncation: new tokens are appended at the right end (encode() pads on its own).
     tok.padding_side = tok.truncation_side = "left"
 
@@ -247,7 +261,7 @@ def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
                       add_special_tokens=False).to(args.device)
             out = model.generate(**enc, max_new_tokens=args.eval_max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **decode)
-        return [r.strip() for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+        return [finish(r) for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
 
     return [r for batch in shard_map(decode_batch, prompts, args.eval_batch_size, "generate") for r in batch]
 
@@ -277,13 +291,15 @@ class ValueHead(nn.Module):
 
 
 def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
-    """As the paper: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
-    from the official code: the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
-    share of the prompts rather than on training MSE. Returns the head and a report of its fit."""
+    """As the paper: V is trained with MSE on the rewards of reference replies to validation prompts: one
+    deterministic decode each (--value-target greedy, the official HH's), or the mean of --value-samples samples.
+    Departure from the official code: the epoch is chosen on a held-out share of the prompts rather than on training
+    MSE. Returns the head and a report of its fit."""
     prompts = sorted({r["prompt"] for r in val_records})  # 2 or more (preflight): one is held out
-    repeated = [p for p in prompts for _ in range(args.value_samples)]
-    scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=True))
-    target = scores["reward"].view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
+    k = args.value_samples if args.value_target == "sampled" else 1
+    repeated = [p for p in prompts for _ in range(k)]
+    scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=args.value_target == "sampled"))
+    target = scores["reward"].view(len(prompts), k).mean(1)  # (P,) V_ref(x): Monte-Carlo, or the greedy reply's
     # Causal attention: the prompt positions' hidden states are the same with or without a response after them.
     data = encode([{"prompt": p, "response": "", "rewards": {}} for p in prompts], tok, args)
     perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
@@ -463,10 +479,12 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
     rank, size = world()
     schedule = sampling_schedule(len(data["reward"]), priority, epochs, args.batch_size * args.grad_accum * size,
                                  args.seed)  # (steps, global batch): the same batches on any number of processes
-    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, eps=1e-8,
+    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, eps=args.adam_eps,
                               weight_decay=args.weight_decay)
-    # Linear decay over optimiser steps; the official schedule counted micro-batches and ended at half the LR.
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(schedule))
+    # Linear decay over optimiser steps (the official Reddit schedule counted micro-batches and ended at half the
+    # LR), or constant (the official HH: get_constant_schedule, whose warmup argument is ignored).
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(schedule)
+                                              if args.lr_schedule == "linear" else 1.0)
     stage = checkpoints.Stage(adapter or policy, tok, optim, sched, run_dir, args, len(schedule), epochs, validate)
     forward = data_parallel(policy, lambda model, batch: token_logprobs(model, batch, args), args.device)
     policy.train()
@@ -562,10 +580,14 @@ def main(args: Args) -> dict:
     test = splits["test"]
     data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
     data_scores["reward"] = sum(data_scores.values())
+    test_reward_fn = task.test_reward(args, test, reward_fn) if hasattr(task, "test_reward") else reward_fn  # HH's 6.9B
     results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
+               "scored_by": {figures: getattr(fn, "model", getattr(fn, "__qualname__", repr(fn))) for figures, fn in
+                             (("train, validation, V(x)", reward_fn), ("test: data, reference, methods",
+                                                                       test_reward_fn))},
                "data": {**text_metrics([r["response"] for r in test], data_scores),
                         **subset_metrics(test, [r["response"] for r in test], data_scores)},
-               "reference": {**evaluate(ref, tok, test, reward_fn, args, ref_dir),
+               "reference": {**evaluate(ref, tok, test, test_reward_fn, args, ref_dir),
                              "selected": None if args.ref_model else ref_selected}}
     print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
           f"{results['reference']['reward_sampled']:.3f} sampled, {results['reference']['reward_greedy']:.3f} greedy")
@@ -598,7 +620,7 @@ def main(args: Args) -> dict:
         selected = train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr,
                                 frozen, priority, validate)
         seconds = round(time.time() - start, 1)
-        results["methods"][algo] = {**evaluate(policy, tok, test, reward_fn, args, os.path.join(out_dir, algo)),
+        results["methods"][algo] = {**evaluate(policy, tok, test, test_reward_fn, args, os.path.join(out_dir, algo)),
                                     "train_seconds": seconds, "selected": selected}
         print(f"{algo}: reward {results['methods'][algo]['reward_sampled']:.3f} sampled, "
               f"{results['methods'][algo]['reward_greedy']:.3f} greedy")

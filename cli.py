@@ -29,7 +29,8 @@ def parse(settings, groups: dict, algos: list, description: str, argv=None):
 
     p = argparse.ArgumentParser(description=description)
     choices = {"task": list(tasks.NAMES), "kernel": ["auto", "torch", "triton"], "reddit_train": ["pos", "neg"],
-               "hh_train": ["chosen", "both"]}
+               "hh_train": ["preferred", "chosen", "both"], "lr_schedule": ["linear", "constant"],
+               "value_target": ["sampled", "greedy"]}
     group = p
     for f in fields(settings):
         group = p.add_argument_group(groups[f.name]) if f.name in groups else group
@@ -61,7 +62,7 @@ def settings_error(args, algos: list) -> str:
         return "--algo names each method once, or is `all` alone"
     if args.clip_eps is not None and not (math.isfinite(args.clip_eps) and args.clip_eps > 0):
         return "--clip-eps must be a finite number > 0, or `none` for no clipping"
-    positive = ("lr", "ref_lr", "value_lr", "max_grad_norm", "eval_repetition_penalty", "lora_alpha")
+    positive = ("lr", "ref_lr", "value_lr", "max_grad_norm", "eval_repetition_penalty", "lora_alpha", "adam_eps")
     non_negative = ("weight_decay", "kl_beta", "lora_dropout", "lora_r")
     for k in positive + non_negative:  # a negative clip norm or decay silently ascends the loss; NaN spreads
         value = getattr(args, k)

@@ -4,9 +4,18 @@
     load(args, reward_fn=None)   -> ({"train", "val", "test": [records]}, reward_fn): the task's data, scored, and its
                                  reward function (or `reward_fn`, from --reward-fn, for both); records are
                                  {"prompt", "response", "rewards": {component: float in [0, 1]}}, test records may
-                                 carry a `subset` label for a per-subset table
+                                 carry a `subset` label for a per-subset table, and training records of paired data a
+                                 `rejected`: {"response", "rewards"}, the other reply to the same prompt (the less
+                                 preferred one) with its reward components (HH), for preference losses
     reward(args, references)     -> the task's reward function for other data (--train-file), given its responses
     data_files(args)             -> the files the task reads, whose contents a --resume must find unchanged
+
+and optionally
+
+    postprocess(text)            -> a decoded reply as the task's reward reads it (default: str.strip); generate()
+                                 applies it to every decode (HH: the official cut at the next turn marker)
+    test_reward(args, test_records, reward_fn) -> the function that scores the test set, when it is not the
+                                 training reward (HH: the paper's 6.9 B reward model); results.json names both
 
 reward_fn(prompts, responses) -> {component: tensor of len(prompts) values in [0, 1]}; R is their sum.
 `jsonl` is not a task: it reads your own data (--train-file, --val-file, --test-file) for any task's reward.
