@@ -326,16 +326,16 @@ def test_no_hub_and_no_cache_names_the_dataset_within_seconds_and_bad_data_is_on
 
 
 def test_hh_end_to_end_from_the_hub_layout(hh, tmp_path, monkeypatch):
-    """The whole --task hh path from a tiny folder of the hub's layout, with the preset's decoding, V(x) target and
-    selection: per-subset figures in results.json and results.md, the step-0 weights validated, the test set scored
+    """The whole --task hh path from a tiny folder of the hub's layout, with the preset's decoding and selection: per-subset figures in results.json and results.md, the step-0 weights validated, the test set scored
     by --hh-test-reward-model (named in results.json), then the scored cache read back for --hh-train both."""
-    results = alol.main(hh_args(hh, tmp_path, "--algo", "nll,a_lol", "--eval-every", "0.5"))
+    # wbc, not a_lol: the tiny random reward model scores the reference's replies above every offline one
+    results = alol.main(hh_args(hh, tmp_path, "--algo", "nll,wbc", "--eval-every", "0.5"))
     run = tmp_path / "run"
     assert {"results.json", "results.md", "results.png"} <= set(os.listdir(run))
     assert results["n_test"] == 8 and set(results["data"]["components"]) == {"preference"}
     assert json.load(open(run / "results.json"))["scored_by"] == {
         "train, validation, V(x)": str(hh["tmp"] / "reward"), "test: data, reference, methods": str(hh["tmp"] / "test")}
-    for entry in (results["data"], results["reference"], results["methods"]["nll"], results["methods"]["a_lol"]):
+    for entry in (results["data"], results["reference"], results["methods"]["nll"], results["methods"]["wbc"]):
         assert list(entry["subsets"]) == list(tasks.hh.HH_SUBSETS)
         for subset in entry["subsets"].values():
             assert 0 <= subset["reward"] <= 1 and {"distinct_1", "distinct_2", "distinct_3", "length"} <= set(subset)
@@ -345,8 +345,8 @@ def test_hh_end_to_end_from_the_hub_layout(hh, tmp_path, monkeypatch):
         mean = sum(r["reward_greedy"] for r in rows[2 * i:2 * i + 2]) / 2
         assert math.isclose(results["reference"]["subsets"][subset]["reward"], mean, rel_tol=1e-5)
     table = (run / "results.md").read_text()
-    assert "| a_lol | helpful-rejection-sampled |" in table and "| data | harmless-base |" in table
-    for stage in ("reference", "nll", "a_lol"):  # the initial weights are the first candidate
+    assert "| wbc | helpful-rejection-sampled |" in table and "| data | harmless-base |" in table
+    for stage in ("reference", "nll", "wbc"):  # the initial weights are the first candidate
         assert [r["step"] for r in map(json.loads, open(run / stage / "log.jsonl")) if "val_reward" in r][0] == 0
     assert results["value"]["prompts"] == 5
 
@@ -372,8 +372,9 @@ def test_hh_end_to_end_from_the_hub_layout(hh, tmp_path, monkeypatch):
 
 
 def test_hh_end_to_end_from_the_pro_layout(hh, tmp_path):
-    """The whole --task hh path from a tiny folder of PRO's processed layout (the paper's data): trained on the stored
-    rewards, validated and tested on hh_dev/ and hh_test/."""
+    """The whole --task hh path from a tiny folder of PRO's processed layout (the paper's data), with the preset's
+    decoding, V(x) target (one greedy reply per prompt) and selection: trained on the stored rewards, validated and
+    tested on hh_dev/ and hh_test/."""
     data = pro_folder(tmp_path / "pro", vectors("processed_records"), clean=True)
     results = alol.main(hh_args(hh, tmp_path, "--hh-dataset", str(data), "--algo", "a_lol", "--eval-every", "1"))
     assert results["n_test"] == 4 * 2 and list(results["methods"]["a_lol"]["subsets"]) == list(tasks.hh.HH_SUBSETS)
