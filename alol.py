@@ -103,9 +103,9 @@ class Args:
     ref_epochs: int = opt(3, "epochs of NLL on the training data that make the reference (the paper's recipe)")
     ref_lr: float = opt(1e-3, "learning rate of the reference stage")
     # value estimate
+    value_samples: int = opt(8, "reference samples per validation prompt; V's target is their mean reward")
     value_target: str = opt("sampled", "V's target per validation prompt: the mean reward of --value-samples samples, "
                             "or of one deterministic decode (`greedy`, the official HH's)")
-    value_samples: int = opt(8, "reference samples per validation prompt; V's target is their mean reward")
     value_epochs: int = opt(30, "value-head epochs; the best held-out epoch is kept")
     value_lr: float = opt(1e-3, "value-head learning rate")
     # A-LoL training
@@ -553,6 +553,7 @@ def main(args: Args) -> dict:
     # Everything that can fail on bad input happens before the run directory is touched.
     task = tasks.get(args.task)
     splits, reward_fn = load_task(task, args)
+    test_reward_fn = task.test_reward(args, splits["test"], reward_fn) if hasattr(task, "test_reward") else reward_fn
     source = args.ref_model or args.model  # a trained reference, or the initial policy; none: a tiny GPT-2
     tok = models.load_tokenizer(source) if source else models.bpe_tokenizer(splits["train"])
     ref = disable_dropout(models.load_policy(source, args) if source else models.tiny_gpt2(tok, args).to(args.device))
@@ -580,7 +581,6 @@ def main(args: Args) -> dict:
     test = splits["test"]
     data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
     data_scores["reward"] = sum(data_scores.values())
-    test_reward_fn = task.test_reward(args, test, reward_fn) if hasattr(task, "test_reward") else reward_fn  # HH's 6.9B
     results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
                "scored_by": {figures: getattr(fn, "model", getattr(fn, "__qualname__", repr(fn))) for figures, fn in
                              (("train, validation, V(x)", reward_fn), ("test: data, reference, methods",

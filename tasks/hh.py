@@ -11,11 +11,11 @@ A record's prompt is every turn before the last one, in the official template; i
 (for training: the reward model's preferred one); its reward is the sigmoid of OpenAssistant's reward model, which
 reads the turns as parsed, never re-parsed from the template. README, "The paper's HH task"."""
 import json
-import math
 import os
 import random
 import re
 
+import torch
 import transformers
 
 import reward_models
@@ -107,7 +107,7 @@ def postprocess(text: str) -> str:
 def record(prefix: list, reply: str, logit=None) -> dict:
     """One record of this project's schema, with the reward model's chat; `logit`: a reward stored in PRO's files."""
     r = {"prompt": prompt_text(prefix), "response": reply, "chat": chat_text(prefix)}
-    return r if logit is None else {**r, "rewards": {"preference": 1 / (1 + math.exp(-logit))}}
+    return r if logit is None else {**r, "rewards": {"preference": torch.sigmoid(torch.tensor(logit)).item()}}
 
 
 # ---- the reward ------------------------------------------------------------------------------------------------
@@ -140,8 +140,10 @@ def template_chat(prompt: str) -> str:
 
 
 def test_reward(args, records: list, reward_fn):
-    """The test set's reward: --hh-test-reward-model (the paper's 6.9 B), or --reward-fn's."""
-    return reward_fn if args.reward_fn else reward(args, records=records, model=args.hh_test_reward_model)
+    """The test set's reward: --hh-test-reward-model (the paper's 6.9 B); with --reward-fn or your own files (whose
+    test rewards are yours), the training reward."""
+    own = args.reward_fn or args.train_file
+    return reward_fn if own else reward(args, records=records, model=args.hh_test_reward_model)
 
 
 # ---- the two sources -------------------------------------------------------------------------------------------
