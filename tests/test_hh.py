@@ -326,8 +326,9 @@ def test_no_hub_and_no_cache_names_the_dataset_within_seconds_and_bad_data_is_on
 
 
 def test_hh_end_to_end_from_the_hub_layout(hh, tmp_path, monkeypatch):
-    """The whole --task hh path from a tiny folder of the hub's layout, with the preset's decoding and selection: per-subset figures in results.json and results.md, the step-0 weights validated, the test set scored
-    by --hh-test-reward-model (named in results.json), then the scored cache read back for --hh-train both."""
+    """The whole --task hh path from a tiny folder of the hub's layout, with the preset's decoding and selection:
+    per-subset figures in results.json and results.md, the step-0 weights validated, the test set scored by
+    --hh-test-reward-model (named in results.json), then the scored cache read back for --hh-train both."""
     # wbc, not a_lol: the tiny random reward model scores the reference's replies above every offline one
     results = alol.main(hh_args(hh, tmp_path, "--algo", "nll,wbc", "--eval-every", "0.5"))
     run = tmp_path / "run"
