@@ -237,12 +237,11 @@ def load(args, reward_fn=None):
         pairs, val = parts["train"][:args.n_train or None], parts["val"][:args.n_val]
         if reward_fn:  # --reward-fn replaces the stored rewards too
             add_rewards({"train": [r for pair in pairs for r in pair], "val": val}, reward_fn)
-        reward_fn = reward_fn or reward(args, records=[r for pair in pairs for r in pair] + val)
         test, _ = scored(tests, args.hh_test_reward_model, lambda: {
             name: [r for r in parts[name] if r["response"]][:args.n_test] for name in tests})
     else:
-        parts, reward_fn = scored(("train_chosen", "train_rejected", "val"), args.hh_reward_model,
-                                  lambda: hub_splits(args, ("train_chosen", "train_rejected", "val")))
+        parts, _ = scored(("train_chosen", "train_rejected", "val"), args.hh_reward_model,
+                          lambda: hub_splits(args, ("train_chosen", "train_rejected", "val")))
         pairs, val = list(zip(parts["train_chosen"], parts["train_rejected"])), parts["val"]
         test, _ = scored(tests, args.hh_test_reward_model, lambda: hub_splits(args, tests))
         if args.hh_train != "chosen":  # PRO's step 2 re-rank: the first reply is the reward model's preferred
@@ -250,8 +249,10 @@ def load(args, reward_fn=None):
     train = [{**a, "rejected": {k: b[k] for k in ("response", "rewards")}} for a, b in pairs if a["response"]]
     if args.hh_train == "both":  # the other replies as records of their own (the official all_priority)
         train += [b for _, b in pairs if b["response"]]
-    return {"train": train, "val": [r for r in val if r["response"]],
-            "test": [{**r, "subset": name.removeprefix("test-")} for name in tests for r in test[name]]}, reward_fn
+    val = [r for r in val if r["response"]]
+    # From here on the reward scores replies to validation prompts only (V's targets, selection): their chats suffice
+    return {"train": train, "val": val, "test": [{**r, "subset": name.removeprefix("test-")} for name in tests
+                                                 for r in test[name]]}, reward_fn or reward(args, records=val)
 
 
 def data_files(args) -> list:
