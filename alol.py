@@ -36,7 +36,7 @@ import distributed
 import kernels
 import models
 import rundir
-import tasks.jsonl
+import tasks
 import tracking
 from cli import opt
 from distributed import data_parallel, mean_over_processes, shard_map, world
@@ -49,8 +49,7 @@ from scoring import score
 @dataclass
 class Args:
     # run
-    task: str = opt("toy", "task, a module of tasks/ with its data, reward and preset: `toy` is embedded and "
-                    "offline; `reddit` (needs --data-dir) and `hh` are the paper's")
+    task: str = opt("toy", "task, a module of tasks/ with its data, reward and preset (`toy`: embedded, offline)")
     algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`: the eight of "
                     "alol_loss, plus dpo and pro where every training example has a pair (toy; `rejected` in JSONL)")
     seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
@@ -69,8 +68,7 @@ class Args:
     val_file: str = opt("", "JSONL of the same form; its prompts train the value head")
     test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
     n_train: int = opt(8000, "training examples: toy generates this many; other tasks keep at most this many (0 = all)")
-    n_val: int = opt(600, "validation examples (value-head prompts); reddit: per CSV file; hh: conversations held out "
-                     "of train")
+    n_val: int = opt(600, "validation examples (value-head prompts, and --eval-every's); reddit: per CSV file")
     n_test: int = opt(400, "test examples (toy: prompts unseen in training); reddit: per CSV file; hh: per test subset")
     max_prompt_len: int = opt(24, "prompt tokens kept (left-truncated: the end of the prompt matters most)")
     max_response_len: int = opt(32, "response tokens kept incl. the final EOS (right-truncated)")
@@ -82,6 +80,8 @@ class Args:
     ref_lr: float = opt(1e-3, "learning rate of the reference stage")
     # value estimate
     value_samples: int = opt(8, "reference samples per validation prompt; V's target is their mean reward")
+    value_target: str = opt("sampled", "V's target per validation prompt: the mean reward of --value-samples samples, "
+                            "or of one deterministic decode (`greedy`, the official HH's)", ["sampled", "greedy"])
     value_epochs: int = opt(30, "value-head epochs; the best held-out epoch is kept")
     value_lr: float = opt(1e-3, "value-head learning rate")
     # A-LoL training
@@ -90,10 +90,14 @@ class Args:
     batch_size: int = opt(64, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step (the update equals one batch_size*grad_accum batch)")
     weight_decay: float = opt(0.01, "AdamW weight decay (official: 0.01)")
+    adam_eps: float = opt(1e-8, "AdamW epsilon (official Reddit: torch's 1e-8; HH: 1e-6)")
+    lr_schedule: str = opt("linear", "learning rate over the optimiser steps: `linear` decay to 0, or `constant` (the "
+                           "official HH's)", ["linear", "constant"])
     max_grad_norm: float = opt(1.0, "gradient-norm clip (official: 1.0)")
     clip_eps: float = opt(0.9, "importance weight clipped to [1-eps, 1+eps]; `none` = no clip (official HH: 0.9)")
     kl_beta: float = opt(0.1, "beta of a_lol_kl")
-    priority_sampling: bool = opt(True, "A-LoL variants: keep A>0 only and sample prob ~ A+ (the official -ts option)")
+    priority_sampling: bool = opt(True, "the official -ts option: A-LoL variants keep A>0 only and draw P ~ A+; wbc, "
+                                  "r_gold and r_lol draw P ~ R; nll is uniform (shuffled epochs)")
     save_every: int = opt(100, "optimiser steps between checkpoints (always saved at the end)")
     # preference baselines: --batch-size pairs of replies per micro-batch
     dpo_beta: float = opt(0.1, "beta of dpo (official: 0.1)")
@@ -114,6 +118,8 @@ class Args:
     eval_max_new_tokens: int = opt(32, "generated tokens per test prompt, and per reference sample for V(x)")
     eval_num_beams: int = opt(1, "beams of the deterministic decode (1 = greedy)")
     eval_repetition_penalty: float = opt(1.0, "repetition penalty of the deterministic decode")
+    eval_stop: str = opt("", "strings that end a generation besides EOS, `|`-separated (every decode: test, "
+                         "validation, V's targets)")
     eval_batch_size: int = opt(200, "sequences per batch of every pass without gradient: generation (test and V's "
                                "samples), reward models, reference log-probs and V(x)")
 
@@ -134,16 +140,6 @@ def parse_args(argv=None) -> Args:
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Data: records {prompt, response, rewards: {component: float}}, their reward R and their token layout
 # ---------------------------------------------------------------------------------------------------------------
-def load_task(task, args: Args):
-    """The scored splits and the reward function: the task's own data (tasks/), or your own JSONL files scored by
-    their `reward` field and evaluated with the task's reward function; --reward-fn replaces the task's."""
-    custom = tasks.jsonl.reward_function(args.reward_fn) if args.reward_fn else None
-    if not args.train_file:
-        return task.load(args, custom)
-    splits = tasks.jsonl.load(args)
-    return splits, custom or task.reward(args, [r["response"] for r in splits["train"]])
-
-
 def encode(records: list, tok, args: Args) -> dict:
     """One right-padded layout [prompt][response EOS][pad...] for training, scoring and the value head.
 
@@ -225,6 +221,9 @@ def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
     model.eval()
     decode = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample else \
         {"do_sample": False, "num_beams": args.eval_num_beams, "repetition_penalty": args.eval_repetition_penalty}
+    if args.eval_stop:  # stop strings are matched on the decoded text, so generate() needs the tokenizer
+        decode.update(stop_strings=args.eval_stop.split("|"), tokenizer=tok)
+    finish = getattr(tasks.get(args.task), "postprocess", str.strip)  # the task's cut of a reply (HH: at a next turn)
     # Left padding and left truncation: new tokens are appended at the right end (encode() pads on its own).
     tok.padding_side = tok.truncation_side = "left"
 
@@ -235,7 +234,7 @@ def generate(model, tok, prompts: list, args: Args, sample: bool) -> list:
                       add_special_tokens=False).to(args.device)
             out = model.generate(**enc, max_new_tokens=args.eval_max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **decode)
-        return [r.strip() for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+        return [finish(r) for r in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
 
     return [r for batch in shard_map(decode_batch, prompts, args.eval_batch_size, "generate") for r in batch]
 
@@ -265,13 +264,15 @@ class ValueHead(nn.Module):
 
 
 def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
-    """As the paper: V is trained with MSE on the rewards of reference samples for validation prompts. Departures
-    from the official code: the target is the mean of `value_samples` samples, and the epoch is chosen on a held-out
-    share of the prompts rather than on training MSE. Returns the head and a report of its fit."""
+    """As the paper: V is trained with MSE on the rewards of reference replies to validation prompts: one
+    deterministic decode each (--value-target greedy, the official HH's), or the mean of --value-samples samples.
+    Departure from the official code: the epoch is chosen on a held-out share of the prompts rather than on training
+    MSE. Returns the head and a report of its fit."""
     prompts = sorted({r["prompt"] for r in val_records})  # 2 or more (preflight): one is held out
-    repeated = [p for p in prompts for _ in range(args.value_samples)]
-    scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=True))
-    target = scores["reward"].view(len(prompts), args.value_samples).mean(1)  # (P,) Monte-Carlo V_ref(x)
+    k = args.value_samples if args.value_target == "sampled" else 1
+    repeated = [p for p in prompts for _ in range(k)]
+    scores = score(reward_fn, repeated, generate(ref, tok, repeated, args, sample=args.value_target == "sampled"))
+    target = scores["reward"].view(len(prompts), k).mean(1)  # (P,) V_ref(x): Monte-Carlo, or the greedy reply's
     # Causal attention: the prompt positions' hidden states are the same with or without a response after them.
     data = encode([{"prompt": p, "response": "", "rewards": {}} for p in prompts], tok, args)
     perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
@@ -322,8 +323,7 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
     """
     value_head, fit_report = train_value_head(ref, tok, val_records, reward_fn, args)
     out = {"value_report": fit_report}
-    pairs = [("_rejected", train["rejected"])] if "rejected" in train else []  # the dispreferred replies
-    for name, data in [("", train), *pairs]:
+    for name, data in [("", train)] + [("_rejected", train["rejected"])] * ("rejected" in train):  # pairs: both
         ref_logp, value = torch.zeros(data["input_ids"].shape), torch.zeros(len(data["reward"]))
 
         @torch.no_grad()
@@ -333,9 +333,8 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
             logp = token_logprobs(ref, batch, args, hidden).cpu()  # (b, T) log pi_ref
             return logp, value_head(hidden.float(), batch["prompt_mask"]).cpu()
 
-        indices = list(range(len(value)))
-        for idx, (logp, v) in zip(torch.arange(len(value)).split(args.eval_batch_size),
-                                  shard_map(reference_pass, indices, args.eval_batch_size, "reference log-probs")):
+        for idx, (logp, v) in zip(torch.arange(len(value)).split(args.eval_batch_size), shard_map(
+                reference_pass, list(range(len(value))), args.eval_batch_size, "reference log-probs")):
             ref_logp[idx, :logp.shape[1]], value[idx] = logp, v  # (b, T) log pi_ref, (b,) V(x)
         out["ref_logp" + name] = ref_logp
         out.setdefault("value", value)  # V(x) of the prompts, the same for both replies
@@ -497,18 +496,20 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
                  priority=None, validate=None):
     """Train `policy` in place with `algo` for `epochs`; checkpoints, log.jsonl and best/ go to run_dir
     (checkpoints.Stage), and --resume continues from the last checkpoint with the same batches and optimiser state,
-    so the weights end up identical. frozen: the reference's cached quantities (train_step); priority: A+ for
-    priority sampling, or None. validate(policy) -> validation reward, every --eval-every steps: the best step's
+    so the weights end up identical. frozen: the reference's cached quantities (train_step); priority: A+ or R
+    for priority sampling, or None. validate(policy) -> validation reward, every --eval-every steps: the best step's
     weights are the result. With --lora-r a LoRA adapter is trained, then merged. Returns {step, val_reward} of the
     selected step, or None. Under torchrun every step's global batch is split over the processes."""
     adapter = models.for_training(policy, args)  # a fresh LoRA adapter with --lora-r, else None
     rank, size = world()
     schedule = sampling_schedule(len(data["reward"]), priority, epochs, args.batch_size * args.grad_accum * size,
                                  args.seed)  # (steps, global batch): the same batches on any number of processes
-    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, eps=1e-8,
+    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, eps=args.adam_eps,
                               weight_decay=args.weight_decay)
-    # Linear decay over optimiser steps; the official schedule counted micro-batches and ended at half the LR.
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(schedule))
+    # Linear decay over optimiser steps (the official Reddit schedule counted micro-batches and ended at half the
+    # LR), or constant (the official HH: get_constant_schedule, whose warmup argument is ignored).
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / len(schedule)
+                                              if args.lr_schedule == "linear" else 1.0)
     stage = checkpoints.Stage(adapter or policy, tok, optim, sched, run_dir, args, len(schedule), epochs, validate)
     forward = data_parallel(policy, lambda model, batch: token_logprobs(model, batch, args), args.device)
     policy.train()
@@ -574,8 +575,7 @@ def main(args: Args) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # Everything that can fail on bad input happens before the run directory is touched.
-    task = tasks.get(args.task)
-    splits, reward_fn = load_task(task, args)
+    task, splits, reward_fn, test_reward_fn = tasks.load(args)  # the task's data (or yours) and its reward functions
     source = args.ref_model or args.model  # a trained reference, or the initial policy; none: a tiny GPT-2
     tok = models.load_tokenizer(source) if source else models.bpe_tokenizer(splits["train"])
     ref = disable_dropout(models.load_policy(source, args) if source else models.tiny_gpt2(tok, args).to(args.device))
@@ -603,9 +603,10 @@ def main(args: Args) -> dict:
     data_scores = {k: torch.tensor([r["rewards"].get(k, 0.0) for r in test]) for k in test[0]["rewards"]}
     data_scores["reward"] = sum(data_scores.values())
     results = {"task": args.task, "seed": args.seed, "n_test": len(test), "algos": algos,
+               "scored_by": tracking.scored_by(reward_fn, test_reward_fn),
                "data": {**text_metrics([r["response"] for r in test], data_scores),
                         **subset_metrics(test, [r["response"] for r in test], data_scores)},
-               "reference": {**evaluate(ref, tok, test, reward_fn, args, ref_dir),
+               "reference": {**evaluate(ref, tok, test, test_reward_fn, args, ref_dir),
                              "selected": None if args.ref_model else ref_selected}}
     print(f"offline data reward {results['data']['reward']:.3f}; reference reward "
           f"{results['reference']['reward_sampled']:.3f} sampled, {results['reference']['reward_greedy']:.3f} greedy")
@@ -627,12 +628,14 @@ def main(args: Args) -> dict:
     for i, algo in enumerate(algos):
         ref_weights = "model" if args.lora_r else "best" if args.eval_every else "checkpoint"
         policy = disable_dropout(models.load_policy(args.ref_model or os.path.join(ref_dir, ref_weights), args))
-        priority = advantage.clamp(min=0) if algo.startswith("a_lol") and args.priority_sampling else None
+        # The official -ts: the A-LoL variants draw P ~ A+, the reward-weighted baselines P ~ R, nll, dpo, pro uniformly
+        priority = None if algo in ("nll", *PAIR_ALGOS) or not args.priority_sampling else \
+            advantage.clamp(min=0) if algo.startswith("a_lol") else train["reward"]
         start = time.time()
         selected = train_policy(policy, tok, train, algo, os.path.join(out_dir, algo), args, args.epochs, args.lr,
                                 frozen, priority, validate)
         seconds = round(time.time() - start, 1)
-        results["methods"][algo] = {**evaluate(policy, tok, test, reward_fn, args, os.path.join(out_dir, algo)),
+        results["methods"][algo] = {**evaluate(policy, tok, test, test_reward_fn, args, os.path.join(out_dir, algo)),
                                     "train_seconds": seconds, "selected": selected}
         print(f"{algo}: reward {results['methods'][algo]['reward_sampled']:.3f} sampled, "
               f"{results['methods'][algo]['reward_greedy']:.3f} greedy")

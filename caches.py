@@ -18,9 +18,10 @@ from rundir import write_atomic
 from scoring import add_rewards
 
 # What the cached log-probs and V(x) depend on besides the reference's weights, the data and the reward code.
-FROZEN_SETTINGS = ("seed", "value_samples", "value_epochs", "value_lr", "max_prompt_len", "max_response_len",
-                   "eval_max_new_tokens", "eval_batch_size", "reward_fn", "task", "device", "bf16", "kernel",
-                   "fluency_model", "safety_model", "depth_model", "updown_model")
+FROZEN_SETTINGS = ("seed", "value_target", "value_samples", "value_epochs", "value_lr", "max_prompt_len",
+                   "max_response_len", "eval_max_new_tokens", "eval_num_beams", "eval_repetition_penalty", "eval_stop",
+                   "eval_batch_size", "reward_fn", "task", "device", "bf16", "kernel", "fluency_model",
+                   "safety_model", "depth_model", "updown_model")
 
 
 def fingerprint(*parts) -> str:

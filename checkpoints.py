@@ -118,7 +118,8 @@ class Stage:
     """What one training stage writes in run_dir as it runs: a row per optimiser step in log.jsonl and the
     trackers, the validation reward every --eval-every steps with the best step's weights in best/ (kept across
     --resume), and checkpoint/ every --save-every steps and at the end. `model` is what is saved: the policy, or its
-    LoRA adapter."""
+    LoRA adapter. The initial weights (step 0) are validated too and are a candidate: as the official HH trainer, a
+    step is kept only if it beats them."""
 
     def __init__(self, model, tok, optim, sched, run_dir: str, args, n_steps: int, epochs: int, validate=None):
         self.model, self.tok, self.optim, self.sched, self.args = model, tok, optim, sched, args
@@ -139,6 +140,21 @@ class Stage:
         self.best = torch.load(best_path, weights_only=True) if resumed_best else {"val_reward": -math.inf}
         self.tracker = Tracker(args, run_dir, self.start)
         self.log = open(log_path if is_main() else os.devnull, "a" if self.start else "w")
+        if self.every and not self.start:
+            self.write(self.validated(0, model))
+
+    def validated(self, done: int, policy) -> dict:
+        """The validation row after `done` optimiser steps; the weights saved in best/ if they beat the best so far."""
+        row = {"step": done, "val_reward": self.validate(policy)}
+        policy.train()
+        if row["val_reward"] > self.best["val_reward"]:
+            self.best = row
+            save(self.model, self.tok, self.best_dir, self.best)
+        return row
+
+    def write(self, row: dict):
+        self.log.write(json.dumps(row) + "\n")
+        self.tracker.log(row)
 
     def steps(self, desc: str):
         """The optimiser steps still to run, with a progress bar (none unless stderr is a terminal; rank 0 only)."""
@@ -150,16 +166,10 @@ class Stage:
         """After optimiser step `step` (from 0): its row, the validation reward when due, the checkpoint when due."""
         self.bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ratio", "clip_frac", "adv", "pair_acc", "margin")
                               if k in row})  # the statistics this method logs
-        rows, done = [row], step + 1
+        done = step + 1
+        self.write(row)
         if self.every and (done % self.every == 0 or done == self.n_steps):
-            rows.append({"step": done, "val_reward": self.validate(policy)})
-            policy.train()
-            if rows[-1]["val_reward"] > self.best["val_reward"]:
-                self.best = rows[-1]
-                save(self.model, self.tok, self.best_dir, self.best)
-        for r in rows:
-            self.log.write(json.dumps(r) + "\n")
-            self.tracker.log(r)
+            self.write(self.validated(done, policy))
         if done % self.args.save_every == 0 or done == self.n_steps:
             self.log.flush()
             save(self.model, self.tok, self.ckpt, {"optimizer": self.optim.state_dict(),

@@ -100,7 +100,7 @@ def settings_error(args, algos: list) -> str:
     if args.clip_eps is not None and not (math.isfinite(args.clip_eps) and args.clip_eps > 0):
         return "--clip-eps must be a finite number > 0, or `none` for no clipping"
     positive = ("lr", "ref_lr", "value_lr", "max_grad_norm", "eval_repetition_penalty", "lora_alpha", "dpo_beta",
-                "pro_temperature")
+                "pro_temperature", "adam_eps")
     non_negative = ("weight_decay", "kl_beta", "lora_dropout", "lora_r", "pro_sft_weight")  # lora_dropout < 1 below
     for k in positive + non_negative:  # a negative clip norm or decay silently ascends the loss; NaN spreads
         value = getattr(args, k)

@@ -149,3 +149,9 @@ def print_settings(args, out_dir: str):
                         subsequent_indent="  "), f"\nrun directory: {out_dir}")
     print(f"global batch: {args.batch_size} sequences x {args.grad_accum} micro-batches x {world()[1]} processes = "
           f"{args.batch_size * args.grad_accum * world()[1]} per optimiser step")
+
+
+def scored_by(reward_fn, test_reward_fn) -> dict:
+    """Which model (or function) scored each group of figures, for results.json."""
+    return {figures: getattr(fn, "model", getattr(fn, "__qualname__", repr(fn))) for figures, fn in
+            (("train, validation, V(x)", reward_fn), ("test: data, reference, methods", test_reward_fn))}

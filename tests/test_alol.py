@@ -3,6 +3,7 @@ sampling, resume, user-facing errors and a short end-to-end run. Everything runs
 import ast
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
@@ -306,6 +307,40 @@ def test_uniform_schedule_is_shuffled_epochs():
     assert sorted(schedule.flatten()[:10].tolist()) == list(range(10))  # the first epoch is a permutation
     tiny = alol.sampling_schedule(5, None, epochs=3, per_step=8, seed=1)  # a batch larger than the data
     assert tiny.shape == (3, 8) and sorted(tiny.flatten()[:5].tolist()) == list(range(5))
+
+
+def test_main_samples_baselines_by_reward_as_the_official_ts(toy, tmp_path, monkeypatch):
+    """--priority-sampling is the official -ts on every method: main hands wbc, r_gold and r_lol P ~ R, the A-LoL
+    variants P ~ A+, nll none (shuffled epochs). The baselines' draw counts then follow P ~ R: Pearson's statistic
+    over the N examples is chi-square with N-1 degrees of freedom (every expected count >= 20), so it stays below the
+    1e-6 upper quantile unless the draws follow another law."""
+    from scipy.stats import chi2
+
+    real, seen = alol.train_policy, {}
+
+    def spy(*a, **kw):
+        bound = inspect.signature(real).bind(*a, **kw).arguments
+        if os.path.basename(bound["run_dir"]) == "reference":
+            return real(*a, **kw)
+        seen[bound["algo"]] = (bound.get("priority"), bound["data"]["reward"], bound["frozen"]["value"])
+        return None  # the methods' training is not what is tested here
+
+    monkeypatch.setattr(alol, "train_policy", spy)
+    alol.main(small_args(tmp_path, "--algo", "all", "--n-train", "48", "--report-to", "none"))
+    assert seen["nll"][0] is None and set(seen) == set(alol.ALGOS)
+    for algo, (priority, reward, value) in seen.items():
+        if algo != "nll":
+            assert torch.equal(priority, (reward - value).clamp(min=0) if algo.startswith("a_lol") else reward), algo
+    reward = seen["wbc"][1]  # (N,) R of the toy's five components, in [0, 5]
+    p = reward / reward.sum()
+    draws = math.ceil(20 / p[p > 0].min().item())
+    schedule = alol.sampling_schedule(len(p), reward, epochs=math.ceil(draws / len(p)), per_step=len(p), seed=3)
+    counts = torch.bincount(schedule.flatten(), minlength=len(p)).double()
+    expected = counts.sum() * p.double()
+    assert (counts[p == 0] == 0).all()
+    statistic = ((counts - expected)[p > 0] ** 2 / expected[p > 0]).sum().item()
+    assert statistic < chi2.ppf(1 - 1e-6, int((p > 0).sum()) - 1), statistic
+    assert not alol.parse_args(["--no-priority-sampling"]).priority_sampling
 
 
 # ---- 8. resume ------------------------------------------------------------------------------------------------

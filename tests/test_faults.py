@@ -602,10 +602,10 @@ def test_triton_kernel_without_cuda_is_refused_first(tmp_path, monkeypatch, caps
 
 # 6. Task data that parses to an empty split
 @pytest.mark.parametrize("empty,message", [
-    ("a test subset", r"helpful-online/test\.jsonl\.gz: no chosen transcript ends in a non-empty Assistant turn, so "
-                      r"the test-helpful-online split is empty"),
-    ("the rejected side", r"<every subset>/train\.jsonl\.gz: no rejected transcript ends in a non-empty Assistant "
-                          r"turn, so the train_rejected split is empty"),
+    ("a test subset", r"helpful-online/test\.jsonl\.gz: no pair is left after PRO's parsing and filters .*, so the "
+                      r"test-helpful-online split is empty"),
+    ("the rejected side", r"<every subset>/train\.jsonl\.gz: no pair is left after PRO's parsing and filters .*, so "
+                          r"the train_chosen split is empty"),
 ])
 def test_an_empty_split_fails_the_first_run_and_is_not_cached(tmp_path, model_dir, reward_model_dir, monkeypatch,
                                                                capsys, empty, message):

@@ -45,9 +45,10 @@ def test_tensorboard_scalars_equal_log_jsonl_and_curves_are_drawn(tmp_path):
             assert [s for s, _ in logged[key]] == [s for s, _ in expected[key]], key
             assert torch.allclose(torch.tensor([v for _, v in logged[key]]), torch.tensor([v for _, v in expected[key]]))
         assert "settings" in str(events.Tags())
-    # 6 steps, every half epoch: validations after steps 3 and 6; results.json names the kept step
-    assert [r["step"] for r in map(json.loads, open(tmp_path / "run" / "a_lol" / "log.jsonl")) if "val_reward" in r] == [3, 6]
-    assert results["methods"]["a_lol"]["selected"]["step"] in (3, 6)
+    # 6 steps, every half epoch: validations of the initial weights and after steps 3 and 6; results.json names the
+    # kept step
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "run" / "a_lol" / "log.jsonl")) if "val_reward" in r] == [0, 3, 6]
+    assert results["methods"]["a_lol"]["selected"]["step"] in (0, 3, 6)
     curves = tmp_path / "run" / "curves.png"
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 20_000
 
@@ -63,17 +64,18 @@ def test_missing_tracker_package_is_one_clear_line(tmp_path, monkeypatch, capsys
 
 
 def test_eval_every_keeps_the_best_checkpoint_and_resume_keeps_it(tmp_path, monkeypatch):
-    """Scripted validation rewards whose best is neither the first nor the last: the kept weights are that step's,
-    and a run killed after it and resumed keeps it."""
+    """Scripted validation rewards whose best is neither the initial weights (step 0, a candidate too), the first
+    step nor the last: the kept weights are that step's, and a run killed after it and resumed keeps it. When no
+    step beats the initial weights, they are the result (the official HH trainer's bar)."""
     args = alol.parse_args(tiny(tmp_path, "--eval-every", "1", "--save-every", "2", "--report-to", "none"))
     splits, _ = tasks.toy.load(args)
     tok = models.bpe_tokenizer(splits["train"])
     data = alol.encode(splits["train"], tok, args)
-    scripted = {1: 0.2, 2: 0.3, 3: 0.9, 4: 0.4, 5: 0.5, 6: 0.1}  # validation reward after each of the 6 steps
+    scripted = {0: 0.25, 1: 0.2, 2: 0.3, 3: 0.9, 4: 0.4, 5: 0.5, 6: 0.1}  # validation reward after each step
     weights_at = {}
 
     def validate(policy):
-        step = len(weights_at) + 1
+        step = len(weights_at)
         weights_at[step] = {k: v.clone() for k, v in policy.state_dict().items()}
         return scripted[step]
 
@@ -83,7 +85,9 @@ def test_eval_every_keeps_the_best_checkpoint_and_resume_keeps_it(tmp_path, monk
     best = alol.train_policy(policy, tok, data, "nll", str(tmp_path / "full"), args, 1, 1e-3, validate=validate)
     assert best == {"step": 3, "val_reward": 0.9}
     logged = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
-    assert [r["val_reward"] for r in logged if "val_reward" in r] == [scripted[s] for s in range(1, 7)]
+    assert [r["val_reward"] for r in logged if "val_reward" in r] == [scripted[s] for s in range(7)]
+    for name, value in weights_at[0].items():
+        assert torch.equal(value, init[name]), name
     for name, value in policy.state_dict().items():  # the weights handed back are step 3's, not step 6's
         assert torch.equal(value, weights_at[3][name]), name
     assert not all(torch.equal(v, weights_at[6][k]) for k, v in policy.state_dict().items())
@@ -92,7 +96,7 @@ def test_eval_every_keeps_the_best_checkpoint_and_resume_keeps_it(tmp_path, monk
     real = alol.train_step
 
     def killed_at_step_five(*a, **kw):
-        if len(weights_at) == 4:
+        if len(weights_at) == 5:  # steps 0 to 4 validated
             raise KeyboardInterrupt
         return real(*a, **kw)
 
@@ -107,6 +111,14 @@ def test_eval_every_keeps_the_best_checkpoint_and_resume_keeps_it(tmp_path, monk
     assert best == {"step": 3, "val_reward": 0.9}  # found before the kill, kept by the resumed run
     for name, value in policy.state_dict().items():
         assert torch.equal(value, weights_at[3][name]), name
+
+    weights_at.clear()
+    scripted[0] = 0.95  # nothing beats the initial weights
+    policy.load_state_dict(init)
+    best = alol.train_policy(policy, tok, data, "nll", str(tmp_path / "init"), args, 1, 1e-3, validate=validate)
+    assert best == {"step": 0, "val_reward": 0.95} and len(weights_at) == 7
+    for name, value in policy.state_dict().items():
+        assert torch.equal(value, init[name]), name
 
 
 def test_reward_fn_module_in_the_working_directory(tmp_path):
