@@ -323,7 +323,8 @@ def frozen_quantities(ref, tok, train: dict, val_records: list, reward_fn, args:
     """
     value_head, fit_report = train_value_head(ref, tok, val_records, reward_fn, args)
     out = {"value_report": fit_report}
-    for name, data in [("", train)] + [("_rejected", train["rejected"])] * ("rejected" in train):  # pairs: both
+    pairs = [("_rejected", train["rejected"])] if "rejected" in train else []  # the dispreferred replies
+    for name, data in [("", train), *pairs]:
         ref_logp, value = torch.zeros(data["input_ids"].shape), torch.zeros(len(data["reward"]))
 
         @torch.no_grad()

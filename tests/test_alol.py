@@ -311,7 +311,7 @@ def test_uniform_schedule_is_shuffled_epochs():
 
 def test_main_samples_baselines_by_reward_as_the_official_ts(toy, tmp_path, monkeypatch):
     """--priority-sampling is the official -ts on every method: main hands wbc, r_gold and r_lol P ~ R, the A-LoL
-    variants P ~ A+, nll none (shuffled epochs). The baselines' draw counts then follow P ~ R: Pearson's statistic
+    variants P ~ A+, nll, dpo and pro none (shuffled epochs). The baselines' draw counts then follow P ~ R: Pearson's statistic
     over the N examples is chi-square with N-1 degrees of freedom (every expected count >= 20), so it stays below the
     1e-6 upper quantile unless the draws follow another law."""
     from scipy.stats import chi2
@@ -327,9 +327,11 @@ def test_main_samples_baselines_by_reward_as_the_official_ts(toy, tmp_path, monk
 
     monkeypatch.setattr(alol, "train_policy", spy)
     alol.main(small_args(tmp_path, "--algo", "all", "--n-train", "48", "--report-to", "none"))
-    assert seen["nll"][0] is None and set(seen) == set(alol.ALGOS)
+    assert set(seen) == set(alol.ALGOS + alol.PAIR_ALGOS)  # the toy has pairs: `all` adds dpo and pro
     for algo, (priority, reward, value) in seen.items():
-        if algo != "nll":
+        if algo in ("nll", *alol.PAIR_ALGOS):  # uniform: shuffled epochs
+            assert priority is None, algo
+        else:
             assert torch.equal(priority, (reward - value).clamp(min=0) if algo.startswith("a_lol") else reward), algo
     reward = seen["wbc"][1]  # (N,) R of the toy's five components, in [0, 5]
     p = reward / reward.sum()
