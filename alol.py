@@ -73,7 +73,8 @@ class Args:
     train_file: str = opt("", "JSONL with prompt, response and reward (or a dict `rewards`); replaces the task's data")
     val_file: str = opt("", "JSONL of the same form; its prompts train the value head")
     test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
-    data_dir: str = opt("data/reddit", "reddit: folder with Kaggle's comments_positive.csv and comments_negative.csv")
+    data_dir: str = opt("data/reddit", "the task's data folder: reddit: Kaggle's comments_positive.csv and "
+                        "comments_negative.csv; comet: ATOMIC10X.jsonl and ATOMIC 2020's test.tsv")
     reddit_train: str = opt("pos", "reddit: train on the upvoted (pos) or the downvoted (neg) replies")
     n_train: int = opt(8000, "training examples: toy generates this many; reddit and hh keep at most this many "
                        "(0 = all)")
@@ -85,6 +86,8 @@ class Args:
     hh_dataset: str = opt("Anthropic/hh-rlhf", "hh: Hugging Face dataset id, or a folder of its layout (<subset>/"
                           "train.jsonl.gz, test.jsonl.gz)")
     hh_train: str = opt("chosen", "hh: offline replies: `chosen` (the paper's) or `both`, chosen and rejected pooled")
+    comet_critic_model: str = opt("data/comet/comet_critic_keras_to_pytorch", "comet: the COMET critic in the official "
+                                  "converted layout, a RobertaModel folder with custom_roberta_classification_head.pt")
     # rewards
     reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
     fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response")
