@@ -57,7 +57,7 @@ def opt(default, help):
 class Args:
     # run
     task: str = opt("toy", "task, a module of tasks/ with its data, reward and preset: `toy` is embedded and "
-                    "offline; `reddit` (needs --data-dir) and `hh` are the paper's")
+                    "offline; the others are the paper's (README)")
     algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`")
     seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
     out_dir: str = opt("", "run directory (default runs/<task>-seed<seed>-<time>)")
@@ -74,7 +74,8 @@ class Args:
     val_file: str = opt("", "JSONL of the same form; its prompts train the value head")
     test_file: str = opt("", "JSONL of the same form; its prompts are generated on for evaluation")
     data_dir: str = opt("data/reddit", "the task's data folder: reddit: Kaggle's comments_positive.csv and "
-                        "comments_negative.csv; comet: ATOMIC10X.jsonl and ATOMIC 2020's test.tsv")
+                        "comments_negative.csv; comet: ATOMIC10X.jsonl and ATOMIC 2020's test.tsv; wow, faithdial, "
+                        "faithdial_wow: Wizard of Wikipedia's train.json and valid_topic_split.json")
     reddit_train: str = opt("pos", "reddit: train on the upvoted (pos) or the downvoted (neg) replies")
     n_train: int = opt(8000, "training examples: toy generates this many; reddit and hh keep at most this many "
                        "(0 = all)")
@@ -88,12 +89,16 @@ class Args:
     hh_train: str = opt("chosen", "hh: offline replies: `chosen` (the paper's) or `both`, chosen and rejected pooled")
     comet_critic_model: str = opt("data/comet/comet_critic_keras_to_pytorch", "comet: the COMET critic in the official "
                                   "converted layout, a RobertaModel folder with custom_roberta_classification_head.pt")
+    faithdial_dataset: str = opt("McGill-NLP/FaithDial", "wow, faithdial, faithdial_wow: FaithDial, a Hugging Face "
+                                 "dataset id or a folder of train.jsonl, validation.jsonl, test.jsonl in its layout")
     # rewards
     reward_fn: str = opt("", "`module:function` scoring (prompts, responses) -> {name: tensor in [0, 1]}")
-    fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response")
+    fluency_model: str = opt("textattack/roberta-base-CoLA", "reddit, wow fluency: P(acceptable) of the response")
     safety_model: str = opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the reply")
-    depth_model: str = opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) of parent+reply")
+    depth_model: str = opt("microsoft/DialogRPT-depth", "reddit, wow engagement: sigmoid(DialogRPT) of parent+reply")
     updown_model: str = opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) of parent+reply")
+    faithcritic_model: str = opt("McGill-NLP/roberta-large-faithcritic", "wow faithfulness: P(faithful) of "
+                                 "(knowledge, reply)")
     hh_reward_model: str = opt("OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "hh: sigmoid of this reward model "
                                "(the paper's for train and validation; or any one-logit sequence classifier)")
     # reference policy

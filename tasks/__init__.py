@@ -13,7 +13,7 @@ reward_fn(prompts, responses) -> {component: tensor of len(prompts) values in [0
 """
 import importlib
 
-NAMES = ("toy", "reddit", "hh", "comet")
+NAMES = ("toy", "reddit", "hh", "comet", "wow", "faithdial", "faithdial_wow")
 
 
 def get(name: str):
