@@ -13,8 +13,8 @@ from cli import AlolError
 
 # The paper's settings (official README command: -ml 30 -vf 16 -e 1 -bs 16 -as 1 -v_bs 32; trainer defaults lr 2e-5,
 # 10,000 validation rows): the released comet-distill GPT-2 XL is the reference, not trained again; replies of at
-# most 30 tokens; beam 2 with repetition penalty 2.5 (utils/rl_utils.py). Full training needs ~40 GB; LoRA fits
-# one 24 GB GPU: README, "The paper's COMET task".
+# most 30 tokens; beam 2 with repetition penalty 2.5 (utils/rl_utils.py); every train and test row (n_test is a cap
+# above the test set's size). Full training needs ~40 GB; LoRA fits one 24 GB GPU: README, "The paper's COMET task".
 PRESET = dict(model="", ref_model="data/comet/comet-distill", data_dir="data/comet", n_train=0, n_val=10_000,
               n_test=1_000_000, max_prompt_len=512, max_response_len=30, epochs=1, lr=2e-5, batch_size=16,
               grad_accum=1, value_samples=2, value_epochs=5, value_lr=2e-5, save_every=1000, eval_every=1 / 16,
