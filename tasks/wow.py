@@ -78,12 +78,13 @@ def faithdial_rows(args) -> dict:
         if os.path.isdir(source):
             data = datasets.load_dataset(source)
         else:
-            data = datasets.load_dataset(hub_path(source, "dataset"), revision="refs/convert/parquet",
+            hub_path(source, "dataset")  # an unreachable hub with nothing cached fails here, at once
+            data = datasets.load_dataset(source, revision="refs/convert/parquet",
                                          data_files={s: f"plain_text/{s}/*.parquet" for s in FAITHDIAL_SPLITS})
         return {split: data[split].to_list() for split in FAITHDIAL_SPLITS}
     except Exception as e:
         raise AlolError(f"--faithdial-dataset {source}: cannot load its train, validation and test splits "
-                        f"({type(e).__name__}: {str(e)[:160]}); load McGill-NLP/FaithDial once where the hub is "
+                        f"({type(e).__name__}: {str(e)[:200]}); load McGill-NLP/FaithDial once where the hub is "
                         "reachable, or pass a folder with train.jsonl, validation.jsonl and test.jsonl") from None
 
 

@@ -149,6 +149,9 @@ def test_missing_data_says_what_to_download(tmp_path):
     with pytest.raises(alol.AlolError, match="--faithdial-dataset .*no_faithdial.*train.jsonl, validation.jsonl"):
         tasks.wow.faithdial_rows(alol.parse_args(["--task", "wow", "--faithdial-dataset",
                                                   str(tmp_path / "no_faithdial")]))
+    with pytest.raises(alol.AlolError, match="no-such-data.*not in the Hugging Face cache.*HF_HUB_OFFLINE is set.*"
+                                             "train.jsonl, validation.jsonl"):
+        tasks.wow.faithdial_rows(alol.parse_args(["--task", "wow", "--faithdial-dataset", "nobody/no-such-data"]))
     assert not (tmp_path / "run").exists()
 
 
