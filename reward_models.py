@@ -79,3 +79,57 @@ def register():
     """Let transformers' Auto classes read OpenAssistant's reward checkpoints (called by the tasks that use them)."""
     transformers.AutoConfig.register(NeoXRewardConfig.model_type, NeoXRewardConfig, exist_ok=True)
     transformers.AutoModelForSequenceClassification.register(NeoXRewardConfig, NeoXRewardModel, exist_ok=True)
+
+
+class CometCritic(nn.Module):
+    """The COMET critic of symbolic knowledge distillation (West et al., 2022), as the official code runs it
+    (utils/comet_utils.py): RoBERTa's pooler output (the <s> token through dense + tanh), then the official
+    RobertaClassificationHead: dense, GELU, out_proj, sigmoid; no dropout, no tanh of its own. Sizes are read from
+    the saved head: (1024, 512, 1) for the released critic."""
+    HEAD_FILE = "custom_roberta_classification_head.pt"  # beside the RobertaModel folder (official converted layout)
+
+    def __init__(self, roberta, head: dict):
+        super().__init__()
+        self.roberta = roberta
+        self.dense = nn.Linear(*head["dense.weight"].T.shape)
+        self.out_proj = nn.Linear(*head["out_proj.weight"].T.shape)
+        self.load_state_dict({f"roberta.{k}": v for k, v in roberta.state_dict().items()} | head)  # strict
+
+    def forward(self, input_ids, attention_mask):  # (B, T) -> (B,) P(valid)
+        pooled = self.roberta(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (B, H)
+        return torch.sigmoid(self.out_proj(nn.functional.gelu(self.dense(pooled)))).squeeze(-1)
+
+
+def load_comet_critic(path: str, dtype=torch.float32) -> CometCritic:
+    """The critic from the official converted layout (convert_keras_roberta_to_huggingface.py): a RobertaModel folder
+    with its pooler, plus CometCritic.HEAD_FILE; every weight must be found, none left over."""
+    head_file = os.path.join(path, CometCritic.HEAD_FILE)
+    if not os.path.isfile(head_file):
+        raise AlolError(f"{path}: no {CometCritic.HEAD_FILE}: not the COMET critic in the official converted layout")
+    roberta, info = from_pretrained(transformers.RobertaModel, path, dtype=dtype, output_loading_info=True)
+    wrong = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if wrong:
+        raise AlolError(f"{path}: the RobertaModel weights do not match its config: {str(wrong)[:200]}")
+    head = torch.load(head_file, map_location="cpu", weights_only=True)
+    if sorted(head) != ["dense.bias", "dense.weight", "out_proj.bias", "out_proj.weight"]:
+        raise AlolError(f"{head_file}: expected the official head's dense and out_proj weights, got {sorted(head)}")
+    return CometCritic(roberta, {k: v.to(dtype) for k, v in head.items()}).eval()
+
+
+@torch.no_grad()
+def comet_critic_scores(path: str, pairs: list, args) -> torch.Tensor:
+    """P(valid) of each (head, relation + tail) text pair under the COMET critic at `path`, read as RoBERTa's pair
+    `<s> A </s></s> B </s>`; loaded for this call and freed after it, fp16 on CUDA (as classifier_scores)."""
+    tok = load_tokenizer(path)
+    tok.padding_side = "right"
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    critic, out = load_comet_critic(path, dtype).to(args.device), []
+    for i in tqdm(range(0, len(pairs), args.eval_batch_size), desc="reward comet critic", leave=False, disable=None):
+        batch = pairs[i:i + args.eval_batch_size]
+        enc = tok([a for a, _ in batch], [b for _, b in batch], return_tensors="pt", padding=True, truncation=True,
+                  max_length=min(CLASSIFIER_MAX_TOKENS, tok.model_max_length))  # ATOMIC's pairs are far shorter
+        out.append(critic(enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)).float())
+    del critic
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return torch.cat(out).cpu() if out else torch.zeros(0)

@@ -40,8 +40,9 @@ def score(reward_fn, prompts: list, responses: list) -> dict:
 
 
 def add_rewards(splits: dict, reward_fn) -> dict:
-    """Score every record in one call of reward_fn (its models load once) and store the components."""
-    records = [r for split in splits.values() for r in split]
+    """Score every record that has no rewards yet in one call of reward_fn (its models load once) and store the
+    components; records that come with theirs (COMET's stored critic scores) keep them."""
+    records = [r for split in splits.values() for r in split if "rewards" not in r]
     if not records:  # nothing to score: preflight names the empty split
         return splits
     scores = score(reward_fn, [r["prompt"] for r in records], [r["response"] for r in records])

@@ -24,7 +24,7 @@ reward_fn(prompts, responses) -> {component: tensor of len(prompts) values in [0
 """
 import importlib
 
-NAMES = ("toy", "reddit", "hh")
+NAMES = ("toy", "reddit", "hh", "comet", "wow", "faithdial", "faithdial_wow")
 
 
 def get(name: str):

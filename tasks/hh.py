@@ -225,8 +225,8 @@ def hub_splits(args, parts: tuple) -> dict:
     for name in (name for name, records in splits.items() if not records):  # else cached empty: every rerun fails
         where = name[5:] if name.startswith("test-") else "<every subset>"  # val: PRO's dev comes from the test splits
         where += "/train.jsonl.gz" if name.startswith("train") else "/test.jsonl.gz"
-        raise AlolError(f"--hh-dataset {args.hh_dataset}: {where}.jsonl.gz: no pair is left after PRO's parsing and "
-                        f"filters (both replies end an Assistant turn, equal turn counts), so the {name} split is empty")
+        raise AlolError(f"--hh-dataset {args.hh_dataset}: {where}: no pair is left after PRO's parsing and filters "
+                        f"(both replies end an Assistant turn, equal turn counts), so the {name} split is empty")
     return splits
 
 
@@ -251,8 +251,9 @@ def load(args, reward_fn=None):
     if pro:
         parts = pro_splits(args.hh_dataset, args)
         pairs, val = parts["train"][:args.n_train or None], parts["val"][:args.n_val]
-        if reward_fn:  # --reward-fn replaces the stored rewards too
-            add_rewards({"train": [r for pair in pairs for r in pair], "val": val}, reward_fn)
+        if reward_fn:  # --reward-fn replaces the stored rewards too (add_rewards scores records without rewards)
+            records = [r for pair in pairs for r in pair] + val
+            add_rewards({"all": [r for r in records if r.pop("rewards", True)]}, reward_fn)
         test, _ = scored(tests, args.hh_test_reward_model, lambda: {
             name: [r for r in parts[name] if r["response"]][:args.n_test] for name in tests})
     else:

@@ -19,11 +19,13 @@ PRESET = dict(model="microsoft/DialoGPT-medium", n_train=0, n_val=1000, n_test=1
               value_samples=2, value_epochs=5, value_lr=2e-5, save_every=1000, eval_every=0.5,
               eval_max_new_tokens=128, eval_num_beams=2, eval_repetition_penalty=2.5, eval_batch_size=32)
 SETTINGS = {
-    "data_dir": opt("data/reddit", "reddit: folder with Kaggle's comments_positive.csv and comments_negative.csv"),
+    "data_dir": opt("data/reddit", "the task's data folder: reddit: Kaggle's comments_positive.csv and "
+                    "comments_negative.csv; comet: ATOMIC10X.jsonl and ATOMIC 2020's test.tsv; wow, faithdial, "
+                    "faithdial_wow: Wizard of Wikipedia's train.json and valid_topic_split.json"),
     "reddit_train": opt("pos", "reddit: train on the upvoted (pos) or the downvoted (neg) replies", ["pos", "neg"]),
-    "fluency_model": opt("textattack/roberta-base-CoLA", "reddit fluency: P(acceptable) of the response"),
+    "fluency_model": opt("textattack/roberta-base-CoLA", "reddit, wow fluency: P(acceptable) of the response"),
     "safety_model": opt("cardiffnlp/twitter-roberta-base-offensive", "reddit safety: P(not offensive) of the reply"),
-    "depth_model": opt("microsoft/DialogRPT-depth", "reddit engagement: sigmoid(DialogRPT) of parent+reply"),
+    "depth_model": opt("microsoft/DialogRPT-depth", "reddit, wow engagement: sigmoid(DialogRPT) of parent+reply"),
     "updown_model": opt("microsoft/DialogRPT-updown", "reddit upvotes: sigmoid(DialogRPT) of parent+reply")}
 REWARD_MODELS = ("fluency_model", "safety_model", "depth_model", "updown_model")
 REDDIT_FILES = {"pos": "comments_positive.csv", "neg": "comments_negative.csv"}
