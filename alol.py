@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import caches
 import checkpoints
@@ -37,6 +36,7 @@ import cli
 import distributed
 import kernels
 import models
+import progress
 import rundir
 import tasks
 import tasks.jsonl
@@ -309,7 +309,7 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
         return loss.item()
 
     best = (mse(held, False), 0, {k: v.clone() for k, v in value_head.state_dict().items()})
-    for epoch in tqdm(range(1, args.value_epochs + 1), desc="value head", leave=False, disable=None):
+    for epoch in progress.Stage(range(1, args.value_epochs + 1), "value head", unit="epoch", leave=False):
         for chunk in fit[torch.randperm(len(fit))].split(VALUE_BATCH_SIZE):
             mse(chunk, True)
         if (held_mse := mse(held, False)) < best[0]:
@@ -469,7 +469,7 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
     stage = checkpoints.Stage(adapter or policy, tok, optim, sched, run_dir, args, len(schedule), epochs, validate)
     forward = data_parallel(policy, lambda model, batch: token_logprobs(model, batch, args), args.device)
     policy.train()
-    for step in stage.steps(f"train {algo}"):
+    for step in stage.steps():
         row = {"step": step + 1, "lr": sched.get_last_lr()[0],
                **train_step(forward, optim, data, schedule[step].chunk(size)[rank], algo, args, frozen)}
         sched.step()

@@ -7,11 +7,11 @@ import shutil
 
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from distributed import barrier, is_main
 from models import load_policy
-from rundir import write_atomic
+from progress import Stage as Progress
+from rundir import follow_umask, write_atomic
 from tracking import Tracker
 
 
@@ -25,6 +25,7 @@ def save(model, tok, ckpt: str, state: dict):
         model.save_pretrained(ckpt + ".tmp")
         tok.save_pretrained(ckpt + ".tmp")
         torch.save(state, os.path.join(ckpt + ".tmp", "trainer_state.pt"))
+        follow_umask(ckpt + ".tmp")
         shutil.rmtree(ckpt, ignore_errors=True)
         os.replace(ckpt + ".tmp", ckpt)
     barrier()
@@ -84,10 +85,11 @@ class Stage:
         self.tracker = Tracker(args, run_dir, self.start)
         self.log = open(log_path if is_main() else os.devnull, "a" if self.start else "w")
 
-    def steps(self, desc: str):
-        """The optimiser steps still to run, with a progress bar (none unless stderr is a terminal; rank 0 only)."""
-        self.bar = tqdm(range(self.start, self.n_steps), desc=desc, initial=self.start, total=self.n_steps,
-                        dynamic_ncols=True, disable=None if is_main() else True)
+    def steps(self):
+        """The optimiser steps still to run, shown as `train <stage>` (`train reference`, `train a_lol`, as the
+        folders): a bar on a terminal, status lines in a log (progress.py)."""
+        self.bar = Progress(range(self.start, self.n_steps), f"train {os.path.basename(self.run_dir)}", self.n_steps,
+                            self.start)
         return self.bar
 
     def record(self, step: int, row: dict, policy):
@@ -104,8 +106,8 @@ class Stage:
         for r in rows:
             self.log.write(json.dumps(r) + "\n")
             self.tracker.log(r)
+        self.log.flush()  # every step: `tail -f log.jsonl` follows the run
         if done % self.args.save_every == 0 or done == self.n_steps:
-            self.log.flush()
             save(self.model, self.tok, self.ckpt, {"optimizer": self.optim.state_dict(),
                                                    "scheduler": self.sched.state_dict(), "step": done})
 

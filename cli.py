@@ -12,6 +12,7 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
+import progress
 import tasks
 
 PROJECT = os.path.dirname(os.path.abspath(__file__))
@@ -89,6 +90,8 @@ def settings_error(args, algos: list) -> str:
 def run(main, parse_args, argv: list) -> int:
     """main(parse_args(argv)) with the errors a user meets as one line: a bad input or non-finite training (exit 1);
     Ctrl-C with the stage, the step and the command that resumes the run (exit 130)."""
+    progress.OPEN.clear()  # stages of an earlier run in this process (tests) are not this one's
+    progress.FINISHED.clear()
     try:
         main(parse_args(argv))
         if dist.is_initialized():
@@ -98,27 +101,29 @@ def run(main, parse_args, argv: list) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except FloatingPointError as e:  # raised by train_step before the update: nothing non-finite was saved
-        training = where(e)[1]
-        print(f"error: {training['algo']}: non-finite values at step {training['step'] + 1} ({e}); stopped before "
-              f"updating or saving the weights. Try a lower learning rate (now {training['lr']}) or --max-grad-norm.",
-              file=sys.stderr)
+        stage, training, _ = where(e)
+        print(f"error: non-finite values {stage} ({e}); stopped before updating or saving the weights. Try a lower "
+              f"learning rate (now {training['lr']}) or --max-grad-norm.", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        stage, training, out_dir = where(e)
-        if "step" in training:
-            stage = f"training {training['algo']}, step {training['step'] + 1}"
+        stage, _, out_dir = where(e)
         again = [a for a in argv if a not in ("--resume", "--overwrite")]
         if out_dir and "--out-dir" not in again:
             again += ["--out-dir", out_dir]
         hint = f"to continue: python {sys.argv[0]} {shlex.join(again + ['--resume'])}" if out_dir else \
             "nothing was written yet"
-        print(f"\ninterrupted in {stage}; {hint}", file=sys.stderr)
+        print(f"\ninterrupted {stage}; {hint}", file=sys.stderr)
         return 130
 
 
 def where(error: BaseException) -> tuple:
-    """Where a run stopped: the innermost function of this project, train_policy's variables (algo, step, lr) if it
-    was training, and main's run directory if it had one."""
+    """Where a run stopped, as its progress names it: in the stages open then, outermost first, each at the step
+    under way (`in train a_lol, step 41 of 250 > generate, batch 1 of 2`), or after the last finished one; with
+    train_policy's variables (lr) if it was training, and main's run directory if it had one."""
     frames = {f.f_code.co_name: f.f_locals for f, _ in traceback.walk_tb(error.__traceback__)
               if os.path.dirname(os.path.abspath(f.f_code.co_filename)) in (PROJECT, os.path.join(PROJECT, "tasks"))}
-    return list(frames)[-1], frames.get("train_policy", {}), frames.get("main", {}).get("out_dir")
+    if progress.OPEN:
+        stage = "in " + " > ".join(s.position() for s in progress.OPEN)
+    else:
+        stage = f"after {progress.FINISHED[-1]}" if progress.FINISHED else "before the first stage"
+    return stage, frames.get("train_policy", {}), frames.get("main", {}).get("out_dir")

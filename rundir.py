@@ -25,11 +25,22 @@ def write_atomic(path: str, content):
     os.replace(tmp, path)
 
 
+def follow_umask(folder: str):
+    """Give the files in `folder` the modes the user's umask allows (0644 under the usual 022): safetensors writes
+    its files 0600, which would keep a checkpoint from the group that shares the run directory."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: put it back at once
+    for root, _, files in os.walk(folder):
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def prepare(args, fingerprints: dict) -> str:
     """The run directory, with config.json: the settings, the fingerprints of the data and reward code, and the
     RUN_MARKER that only alol writes. A folder without the marker is never used or deleted; one holding a different
     run (other settings, or data or reward code that changed since) is kept unless --overwrite."""
-    out = args.out_dir or os.path.join("runs", f"{args.task}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = os.path.basename(args.train_file).split(".")[0] if args.train_file else args.task  # your data's name
+    out = args.out_dir or os.path.join("runs", f"{name}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     config_path = os.path.join(out, "config.json")
     config = {RUN_MARKER: True, **dataclasses.asdict(args), "fingerprints": fingerprints}
     try:

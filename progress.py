@@ -1,0 +1,72 @@
+"""Progress: a tqdm bar on a terminal; where stderr is not one (nohup, CI, Slurm, a pipe into a file) a status line
+when a stage starts and ends and one about every EVERY_S seconds in between, so a log shows that the run is alive,
+how far it is and how long it still needs. The stages open at a Ctrl-C are what cli.where reports."""
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+from distributed import is_main
+
+EVERY_S = 30.0  # between status lines: often enough for `tail -f`, rare enough for the log of a day-long run
+OPEN = []  # the stages running now, outermost first (a validation's generation inside a training stage)
+FINISHED = []  # the names of the stages run to their end, in order
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+
+
+class Stage:
+    """`for x in Stage(iterable, "reference", total)`: a tqdm bar on a terminal, else status lines; rank 0 only.
+    set_postfix(**stats) shows the last step's statistics in both."""
+
+    def __init__(self, iterable, name: str, total: int = None, initial: int = 0, unit: str = "step",
+                 leave: bool = True):
+        self.iterable, self.name, self.unit = iterable, name, unit
+        self.total = len(iterable) + initial if total is None else total
+        self.n, self.stats = initial, {}  # n: units done, those before a --resume included
+        terminal = getattr(sys.stderr, "isatty", lambda: False)()
+        # A disabled bar where lines are printed: it still marks the stage for scripts/rehearsal.py's probe.
+        self.bar = tqdm(desc=name, total=self.total, initial=initial, unit=unit, leave=leave, dynamic_ncols=True,
+                        disable=not (is_main() and terminal))
+        self.lines = is_main() and not terminal
+
+    def set_postfix(self, **stats):
+        self.stats = stats
+        self.bar.set_postfix(stats, refresh=False)
+
+    def count(self, n: int) -> str:
+        return f"{n} {self.unit}" + ("" if n == 1 else "es" if self.unit.endswith("h") else "s")
+
+    def say(self, what: str, after: str = ""):
+        stats = "".join(f", {k} {v}" for k, v in self.stats.items())
+        print(f"[{time.strftime('%H:%M:%S')}] {self.name}: {what}{stats}{after}", file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        OPEN.append(self)
+        start = last = time.monotonic()
+        first = self.n
+        if self.lines and self.total - first > 1:  # a stage of one unit (one scoring call) says only when it is done
+            self.say(f"start, {self.count(self.total - first)}" + (f" after {first} done" if first else ""))
+        try:
+            for item in self.iterable:
+                yield item
+                self.n += 1
+                self.bar.update()
+                now = time.monotonic()
+                if self.lines and now - last >= EVERY_S and self.n < self.total:
+                    last, left = now, (now - start) / (self.n - first) * (self.total - self.n)
+                    self.say(f"{self.unit} {self.n} of {self.total}", f"; {duration(now - start)} so far, about "
+                             f"{duration(left)} left")
+            if self.lines:
+                self.say(f"done, {self.count(self.n - first)} in {duration(time.monotonic() - start)}")
+            FINISHED.append(self.name)
+        finally:  # also when the loop stops early: on an exception, once the caller's frame is gone
+            if self in OPEN:
+                OPEN.remove(self)
+            self.bar.close()
+
+    def position(self) -> str:
+        """Where this stage is: `a_lol, step 41 of 250` (the one under way, counted from 1)."""
+        return f"{self.name}, {self.unit} {min(self.n + 1, self.total)} of {self.total}"
