@@ -1,6 +1,7 @@
-"""Progress: a tqdm bar on a terminal; where stderr is not one (nohup, CI, Slurm, a pipe into a file) a status line
-when a stage starts and ends and one about every EVERY_S seconds in between, so a log shows that the run is alive,
-how far it is and how long it still needs. The stages open at a Ctrl-C are what cli.where reports."""
+"""Progress: a tqdm bar on stderr when it is a terminal; where it is not (nohup, CI, Slurm, a pipe into a file) a
+status line on stdout when a stage starts and ends and one about every EVERY_S seconds in between, so the log shows
+that the run is alive, how far it is and how long it still needs, between the run's other lines (stderr keeps errors
+alone, one line each). The stages open at a Ctrl-C are what cli.where reports."""
 import sys
 import time
 
@@ -14,7 +15,11 @@ FINISHED = []  # the names of the stages run to their end, in order
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+    """`42 s`, `3 min 5 s`, `2 h 10 min`."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 60} min" + (f" {s % 60} s" if s % 60 else "") if s < 3600 else f"{s // 3600} h {s % 3600 // 60} min"
 
 
 class Stage:
@@ -41,11 +46,11 @@ class Stage:
 
     def say(self, what: str, after: str = ""):
         stats = "".join(f", {k} {v}" for k, v in self.stats.items())
-        print(f"[{time.strftime('%H:%M:%S')}] {self.name}: {what}{stats}{after}", file=sys.stderr, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {self.name}: {what}{stats}{after}", flush=True)
 
     def __iter__(self):
         OPEN.append(self)
-        start = last = time.monotonic()
+        start = last = now = time.monotonic()
         first = self.n
         if self.lines and self.total - first > 1:  # a stage of one unit (one scoring call) says only when it is done
             self.say(f"start, {self.count(self.total - first)}" + (f" after {first} done" if first else ""))
@@ -60,7 +65,7 @@ class Stage:
                     self.say(f"{self.unit} {self.n} of {self.total}", f"; {duration(now - start)} so far, about "
                              f"{duration(left)} left")
             if self.lines:
-                self.say(f"done, {self.count(self.n - first)} in {duration(time.monotonic() - start)}")
+                self.say(f"done, {self.count(self.n - first)} in {duration(now - start)}")
             FINISHED.append(self.name)
         finally:  # also when the loop stops early: on an exception, once the caller's frame is gone
             if self in OPEN:
