@@ -64,13 +64,13 @@ class Stage:
                     last, left = now, (now - start) / (self.n - first) * (self.total - self.n)
                     self.say(f"{self.unit} {self.n} of {self.total}", f"; {duration(now - start)} so far, about "
                              f"{duration(left)} left")
-            if self.lines:
-                self.say(f"done, {self.count(self.n - first)} in {duration(now - start)}")
-            FINISHED.append(self.name)
-        finally:  # also when the loop stops early: on an exception, once the caller's frame is gone
-            if self in OPEN:
-                OPEN.remove(self)
+        finally:
             self.bar.close()
+        # Reached only at the end: a stage stopped by an exception stays in OPEN for cli.where (cli.run empties it).
+        OPEN.remove(self)
+        FINISHED.append(self.name)
+        if self.lines:
+            self.say(f"done, {self.count(self.n - first)} in {duration(now - start)}")
 
     def position(self) -> str:
         """Where this stage is: `a_lol, step 41 of 250` (the one under way, counted from 1)."""
