@@ -85,7 +85,7 @@ def trailing_mean(values: list) -> list:
 
 def curves_figure(out_dir: str, stages: list, clip_eps):
     """The figure of curves.png: per optimiser step, one line per stage in each panel of CURVES that has data (the
-    NLL reference stage logs no ratio and no advantage; the validation reward needs --eval-every)."""
+    NLL reference stage logs no ratio and no advantage; the validation reward needs --eval-every); None without data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,6 +104,8 @@ def curves_figure(out_dir: str, stages: list, clip_eps):
                     values = [v / (abs(values[0]) or 1.0) for v in values]
                 lines.setdefault(key, []).append((stage, steps, values))
     panels = [key for key in CURVES if key in lines]
+    if not panels:  # no stage has logged a step yet
+        return None
     cols = 3 if len(panels) > 4 else min(len(panels), 2)
     rows = -(-len(panels) // cols)
     legend_cell = rows * cols > len(panels)  # a free cell takes the legend; else it goes right of the panels
@@ -137,8 +139,9 @@ def write_curves(out_dir: str, stages: list, clip_eps):
     import matplotlib.pyplot as plt
 
     fig = curves_figure(out_dir, stages, clip_eps)
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
-    plt.close(fig)
+    if fig is not None:
+        fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
+        plt.close(fig)
 
 
 def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:
