@@ -42,7 +42,7 @@ class Stage:
         self.bar.set_postfix(stats, refresh=False)
 
     def count(self, n: int) -> str:
-        return f"{n} {self.unit}" + ("" if n == 1 else "es" if self.unit.endswith("h") else "s")
+        return f"{n} {self.unit}" + ("" if n == 1 else "es" if self.unit == "batch" else "s")
 
     def say(self, what: str, after: str = ""):
         stats = "".join(f", {k} {v}" for k, v in self.stats.items())

@@ -76,12 +76,18 @@ def test_a_status_line_about_every_30_seconds_with_the_time_left(monkeypatch, ca
     stage = progress.Stage(range(10), "train a_lol")
     for step in stage:
         stage.set_postfix(loss=f"{step:.3f}")
+    for _ in progress.Stage(range(2), "value head", unit="epoch"):
+        pass
+    for _ in progress.Stage(range(3), "generate", unit="batch"):
+        pass
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert lines == ["train a_lol: start, 10 steps",
                      "train a_lol: step 3 of 10, loss 2.000; 30 s so far, about 1 min 10 s left",
                      "train a_lol: step 6 of 10, loss 5.000; 1 min so far, about 40 s left",
                      "train a_lol: step 9 of 10, loss 8.000; 1 min 30 s so far, about 10 s left",
-                     "train a_lol: done, 10 steps in 1 min 40 s, loss 9.000"]
+                     "train a_lol: done, 10 steps in 1 min 40 s, loss 9.000",
+                     "value head: start, 2 epochs", "value head: done, 2 epochs in 20 s",
+                     "generate: start, 3 batches", "generate: done, 3 batches in 30 s"]
 
 
 def test_a_terminal_gets_the_bar_and_no_lines(monkeypatch):
