@@ -71,10 +71,12 @@ LINE_STYLES = ("-", "--", "-.", ":")  # with the colours: lines that coincide (t
 
 def line_style(i: int) -> dict:
     """Stage i's colour and dash pattern: both cycle (10 colours, 4 patterns), so the first 20 stages each differ
-    from every other, and neighbours in both; coinciding lines still show each one's dashes."""
+    from every other, and neighbours in both. Each is drawn thinner than the one before: where two coincide (a_lol_kl
+    with a small beta on a_lol_ref_free), the earlier one's edges still show around the later one."""
     import matplotlib
 
-    return {"color": matplotlib.colormaps["tab10"](i % 10), "linestyle": LINE_STYLES[i % len(LINE_STYLES)]}
+    return {"color": matplotlib.colormaps["tab10"](i % 10), "linestyle": LINE_STYLES[i % len(LINE_STYLES)],
+            "linewidth": max(0.8, 3.0 - 0.22 * i)}
 
 
 def trailing_mean(values: list) -> list:
@@ -112,7 +114,7 @@ def curves_figure(out_dir: str, stages: list, clip_eps):
     fig, grid = plt.subplots(rows, cols, figsize=(5 * cols + (0 if legend_cell else 2.2), 3.8 * rows), squeeze=False)
     for ax, key in zip(grid.flat, panels):
         for stage, steps, values in lines[key]:
-            ax.plot(steps, values, label=stage, linewidth=1.3, marker="o" if key == "val_reward" else None,
+            ax.plot(steps, values, label=stage, marker="o" if key == "val_reward" else None,
                     **line_style(stages.index(stage)))
         if key == "ratio" and clip_eps is not None:
             ax.axhspan(max(1 - clip_eps, 0), 1 + clip_eps, color="gray", alpha=0.15, label=f"clip band 1 ± {clip_eps}")
@@ -190,11 +192,11 @@ def report_figure(rows: dict, advantage: torch.Tensor):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(4.2, 1.6 + 0.38 * len(names))),
                                       gridspec_kw={"width_ratios": [1.2, 1]})
     bars = left.barh(names, [rows[m]["reward_sampled"] for m in names], color="tab:blue")
-    left.bar_label(bars, fmt="%.2f", padding=2, fontsize=9)
+    left.bar_label(bars, fmt="%.2f", label_type="center", color="white", fontsize=9)  # clear of the greedy dots
     decoded = [m for m in names if rows[m].get("reward_greedy") is not None]  # the data has no greedy decode
     left.plot([rows[m]["reward_greedy"] for m in decoded], decoded, "o", color="tab:orange")
     left.set(xlabel="mean test reward", title="reward of test generations: sampled (bars), greedy (dots)")
-    left.set_xlim(0, 1.12 * max([b.get_width() for b in bars] + [rows[m]["reward_greedy"] for m in decoded]))  # labels
+    left.set_xlim(0, 1.05 * max([b.get_width() for b in bars] + [rows[m]["reward_greedy"] for m in decoded]))
     right.hist(advantage.numpy(), bins=60, color="tab:gray")
     right.axvline(0, color="black")
     right.set(xlabel="A = R - V(x)", ylabel="training examples",
