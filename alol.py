@@ -60,7 +60,7 @@ class Args:
                     "offline; `reddit` (needs --data-dir) and `hh` are the paper's")
     algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`")
     seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
-    out_dir: str = opt("", "run directory (default runs/<task>-seed<seed>-<time>)")
+    out_dir: str = opt("", "run directory (default runs/<task or --train-file name>-seed<seed>-<time>)")
     overwrite: bool = opt(False, "replace an --out-dir that holds a different run")
     resume: bool = opt(False, "continue the run in --out-dir from its last checkpoints")
     cache_dir: str = opt(".cache/alol", "where reference log-probs and V(x) are cached between runs")
