@@ -35,7 +35,8 @@ class Stage:
         # A disabled bar where lines are printed: it still marks the stage for scripts/rehearsal.py's probe.
         self.bar = tqdm(desc=name, total=self.total, initial=initial, unit=unit, leave=leave, dynamic_ncols=True,
                         disable=not (is_main() and terminal))
-        self.lines = is_main() and not terminal
+        # No lines for a single unit (one scoring call, one batch of generations): it has nothing to count.
+        self.lines = is_main() and not terminal and self.total - initial > 1
 
     def set_postfix(self, **stats):
         self.stats = stats
@@ -52,7 +53,7 @@ class Stage:
         OPEN.append(self)
         start = last = now = time.monotonic()
         first = self.n
-        if self.lines and self.total - first > 1:  # a stage of one unit (one scoring call) says only when it is done
+        if self.lines:
             self.say(f"start, {self.count(self.total - first)}" + (f" after {first} done" if first else ""))
         try:
             for item in self.iterable:
