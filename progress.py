@@ -23,7 +23,7 @@ def duration(seconds: float) -> str:
 
 
 class Stage:
-    """`for x in Stage(iterable, "reference", total)`: a tqdm bar on a terminal, else status lines; rank 0 only.
+    """`for x in Stage(iterable, "train a_lol", total)`: a tqdm bar on a terminal, else status lines; rank 0 only.
     set_postfix(**stats) shows the last step's statistics in both."""
 
     def __init__(self, iterable, name: str, total: int = None, initial: int = 0, unit: str = "step",
@@ -74,5 +74,5 @@ class Stage:
             self.say(f"done, {self.count(self.n - first)} in {duration(now - start)}")
 
     def position(self) -> str:
-        """Where this stage is: `a_lol, step 41 of 250` (the one under way, counted from 1)."""
+        """Where this stage is: `train a_lol, step 41 of 250` (the one under way, counted from 1)."""
         return f"{self.name}, {self.unit} {min(self.n + 1, self.total)} of {self.total}"
