@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import caches
 import checkpoints
@@ -35,6 +34,7 @@ import cli
 import distributed
 import kernels
 import models
+import progress
 import rundir
 import tasks
 import tracking
@@ -53,7 +53,7 @@ class Args:
     algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`: the eight of "
                     "alol_loss, plus dpo and pro where every training example has a pair (toy; `rejected` in JSONL)")
     seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
-    out_dir: str = opt("", "run directory (default runs/<task>-seed<seed>-<time>)")
+    out_dir: str = opt("", "run directory (default runs/<task or --train-file name>-seed<seed>-<time>)")
     overwrite: bool = opt(False, "replace an --out-dir that holds a different run")
     resume: bool = opt(False, "continue the run in --out-dir from its last checkpoints")
     cache_dir: str = opt(".cache/alol", "where reference log-probs and V(x) are cached between runs")
@@ -299,7 +299,7 @@ def train_value_head(ref, tok, val_records: list, reward_fn, args: Args):
         return loss.item()
 
     best = (mse(held, False), 0, {k: v.clone() for k, v in value_head.state_dict().items()})
-    for epoch in tqdm(range(1, args.value_epochs + 1), desc="value head", leave=False, disable=None):
+    for epoch in progress.Stage(range(1, args.value_epochs + 1), "value head", unit="epoch", leave=False):
         for chunk in fit[torch.randperm(len(fit))].split(VALUE_BATCH_SIZE):
             mse(chunk, True)
         if (held_mse := mse(held, False)) < best[0]:
@@ -514,7 +514,7 @@ def train_policy(policy, tok, data: dict, algo: str, run_dir: str, args: Args, e
     stage = checkpoints.Stage(adapter or policy, tok, optim, sched, run_dir, args, len(schedule), epochs, validate)
     forward = data_parallel(policy, lambda model, batch: token_logprobs(model, batch, args), args.device)
     policy.train()
-    for step in stage.steps(f"train {algo}"):
+    for step in stage.steps():
         row = {"step": step + 1, "lr": sched.get_last_lr()[0],
                **train_step(forward, optim, data, schedule[step].chunk(size)[rank], algo, args, frozen)}
         sched.step()

@@ -8,13 +8,13 @@ import shutil
 
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from caches import file_sha256
 from cli import disk_full
 from distributed import barrier, is_main
 from models import load_policy
-from rundir import write_atomic
+from progress import Stage as Progress
+from rundir import follow_umask, write_atomic
 from tracking import Tracker
 
 
@@ -70,6 +70,7 @@ def save(model, tok, ckpt: str, state: dict):
             sums = {f: file_sha256(os.path.join(tmp, f)) for f in os.listdir(tmp)}
             with open(os.path.join(tmp, CHECKSUMS), "w") as f:
                 f.write(json.dumps(sums))
+            follow_umask(tmp)
         except Exception as e:  # torch and safetensors raise their own errors on a full disk, not always OSError
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(ckpt))).free  # with the partial files: ~0 if full
             shutil.rmtree(tmp, ignore_errors=True)
@@ -154,12 +155,14 @@ class Stage:
 
     def write(self, row: dict):
         self.log.write(json.dumps(row) + "\n")
+        self.log.flush()  # every row: `tail -f log.jsonl` follows the run
         self.tracker.log(row)
 
-    def steps(self, desc: str):
-        """The optimiser steps still to run, with a progress bar (none unless stderr is a terminal; rank 0 only)."""
-        self.bar = tqdm(range(self.start, self.n_steps), desc=desc, initial=self.start, total=self.n_steps,
-                        dynamic_ncols=True, disable=None if is_main() else True)
+    def steps(self):
+        """The optimiser steps still to run, shown as `train <stage>` (`train reference`, `train a_lol`, as the
+        folders): a bar on a terminal, status lines in a log (progress.py)."""
+        self.bar = Progress(range(self.start, self.n_steps), f"train {os.path.basename(self.run_dir)}", self.n_steps,
+                            self.start)
         return self.bar
 
     def record(self, step: int, row: dict, policy):
@@ -171,7 +174,6 @@ class Stage:
         if self.every and (done % self.every == 0 or done == self.n_steps):
             self.write(self.validated(done, policy))
         if done % self.args.save_every == 0 or done == self.n_steps:
-            self.log.flush()
             save(self.model, self.tok, self.ckpt, {"optimizer": self.optim.state_dict(),
                                                    "scheduler": self.sched.state_dict(), "step": done})
 

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import models
 from cli import AlolError
 from scoring import score
+from tracking import clashing_names
 
 
 def read_jsonl(path: str, flag: str) -> list:
@@ -46,6 +47,9 @@ def read_jsonl(path: str, flag: str) -> list:
             for k, v in rewards.items():  # bool is an int to Python, "0.5" is not a number: both refused
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise AlolError(f"{where}: reward {k!r} is not a finite number: {v!r}")
+            if clashing_names(rewards):
+                raise AlolError(f"{where}: reward component {clashing_names(rewards)[0]!r} has the name of a column of "
+                                "the results table or of the summed reward: rename it")
             if sorted(rewards) != (names := names or sorted(rewards)):
                 raise AlolError(f"{where}: reward components {sorted(rewards)} differ from the file's first row's "
                                 f"{names}")

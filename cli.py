@@ -16,6 +16,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+import progress
 import tasks
 
 PROJECT = os.path.dirname(os.path.abspath(__file__))
@@ -152,6 +153,8 @@ def run(main, parse_args, argv: list) -> int:
     import distributed  # here: they import this module
     import rundir
 
+    progress.OPEN.clear()  # stages of an earlier run in this process (tests) are not this one's
+    progress.FINISHED.clear()
     STOPPING.clear()
     TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -168,17 +171,16 @@ def run(main, parse_args, argv: list) -> int:
         print(f"error: {e}{free_then(e, argv) if isinstance(e, DiskFull) else ''}", file=sys.stderr)
         return 1
     except FloatingPointError as e:  # raised by train_step before the update: nothing non-finite was saved
-        training = where(e)[1]
-        print(f"error: {training['algo']}: non-finite values at step {training['step'] + 1} ({e}); stopped before "
-              f"updating or saving the weights. Try a lower learning rate (now {training['lr']}) or --max-grad-norm.",
-              file=sys.stderr)
+        stage, training, _ = where(e)
+        print(f"error: non-finite values {stage} ({e}); stopped before updating or saving the weights. Try a lower "
+              f"learning rate (now {training['lr']}) or --max-grad-norm.", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         if where(e)[2] is None and e.__context__ is not None and where(e.__context__)[2]:
             e = e.__context__  # a SIGTERM raised here, as another error was caught: the run stopped where that was
         code = 143 if TERMINATED else 130
         if distributed.is_main():  # every process got the signal: one line
-            print(f"\n{'terminated (SIGTERM)' if TERMINATED else 'interrupted'} in {stopped(e, argv)}", file=sys.stderr)
+            print(f"\n{'terminated (SIGTERM)' if TERMINATED else 'interrupted'} {stopped(e, argv)}", file=sys.stderr)
         return code
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -191,7 +193,7 @@ def run(main, parse_args, argv: list) -> int:
             raise
         if TERMINATED:  # a peer stopped on the same SIGTERM first
             if distributed.is_main():
-                print(f"\nterminated (SIGTERM) in {stopped(e, argv)}", file=sys.stderr)
+                print(f"\nterminated (SIGTERM) {stopped(e, argv)}", file=sys.stderr)
             return 143
         dead = distributed.dead_ranks()
         if not dead and not re.search(r"gloo|nccl|connection|peer|timed? ?out", str(e), re.I):
@@ -199,7 +201,7 @@ def run(main, parse_args, argv: list) -> int:
         if distributed.world()[0] == min(set(range(distributed.world()[1])) - set(dead)):  # one survivor prints
             who = f"the process of rank {', '.join(map(str, dead))}" if dead else "a process on another node"
             why = re.sub(r"^\[[^]]*\] *", "", (str(e).strip() or type(e).__name__).splitlines()[-1]).partition(". ")[0]
-            print(f"\nerror: {who} died ({why[:100]}); stopped in {stopped(e, argv)}", file=sys.stderr)
+            print(f"\nerror: {who} died ({why[:100]}); stopped {stopped(e, argv)}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -213,10 +215,8 @@ def free_then(error: BaseException, argv: list) -> str:
 
 
 def stopped(error: BaseException, argv: list) -> str:
-    """'<stage>; to continue: <the command that resumes the run>' for a run stopped by `error`."""
-    stage, training, out_dir = where(error)
-    if "step" in training:
-        stage = f"training {training['algo']}, step {training['step'] + 1}"
+    """'<where>; to continue: <the command that resumes the run>' for a run stopped by `error`."""
+    stage, _, out_dir = where(error)
     again = [a for a in argv if a not in ("--resume", "--overwrite")]
     if out_dir and "--out-dir" not in again:
         again += ["--out-dir", out_dir]
@@ -229,8 +229,13 @@ def stopped(error: BaseException, argv: list) -> str:
 
 
 def where(error: BaseException) -> tuple:
-    """Where a run stopped: the innermost function of this project, train_policy's variables (algo, step, lr) if it
-    was training, and main's run directory if it had one."""
+    """Where a run stopped, as its progress names it: in the stages open then, outermost first, each at the step
+    under way (`in train a_lol, step 41 of 250 > generate, batch 1 of 2`), or after the last finished one; with
+    train_policy's variables (lr) if it was training, and main's run directory if it had one."""
     frames = {f.f_code.co_name: f.f_locals for f, _ in traceback.walk_tb(error.__traceback__)
               if os.path.dirname(os.path.abspath(f.f_code.co_filename)) in (PROJECT, os.path.join(PROJECT, "tasks"))}
-    return list(frames)[-1], frames.get("train_policy", {}), frames.get("main", {}).get("out_dir")
+    if progress.OPEN:
+        stage = "in " + " > ".join(s.position() for s in progress.OPEN)
+    else:
+        stage = f"after {progress.FINISHED[-1]}" if progress.FINISHED else "before the first stage"
+    return stage, frames.get("train_policy", {}), frames.get("main", {}).get("out_dir")

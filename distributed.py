@@ -7,7 +7,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 
 def init(device: str) -> str:
@@ -78,10 +77,11 @@ def barrier():
 def shard_map(fn, items: list, batch_size: int, desc: str) -> list:
     """[fn(batch, k) for the k-th batch of items]: under torchrun batch k runs on rank k % world size and the results
     are gathered in order, so fn must depend only on the batch and its position (generate seeds by it)."""
+    from progress import Stage  # here: progress imports this module (is_main)
+
     rank, size = world()
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    done = {k: fn(batches[k], k) for k in tqdm(range(rank, len(batches), size), desc=desc, leave=False,
-                                               disable=None if rank == 0 else True)}
+    done = {k: fn(batches[k], k) for k in Stage(range(rank, len(batches), size), desc, unit="batch", leave=False)}
     if size > 1:
         parts = [None] * size
         dist.all_gather_object(parts, done)

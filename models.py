@@ -4,6 +4,7 @@ import functools
 import os
 import socket
 import urllib.parse
+import warnings
 
 import torch
 import transformers
@@ -109,9 +110,15 @@ def for_training(policy, args):
     if args.lora_r:
         import peft
 
-        adapter = peft.get_peft_model(policy, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                              lora_dropout=args.lora_dropout,
-                                                              target_modules=lora_targets(args)))
+        with warnings.catch_warnings():  # two warnings about peft and transformers, not about this run:
+            # GPT-2's layers are Conv1D, whose weight is stored transposed; peft notices and sets fan_in_fan_out itself.
+            warnings.filterwarnings("ignore", "fan_in_fan_out is set to False but the target module is `Conv1D`",
+                                    UserWarning)
+            # peft reads the deprecated `is_gradient_checkpointing` property (transformers 5), checkpointing on or off.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            adapter = peft.get_peft_model(policy, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                                  lora_dropout=args.lora_dropout,
+                                                                  target_modules=lora_targets(args)))
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return adapter

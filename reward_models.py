@@ -4,10 +4,10 @@ import os
 import torch
 import torch.nn as nn
 import transformers
-from tqdm.auto import tqdm
 
 from cli import AlolError
 from models import from_pretrained, load_tokenizer
+from progress import Stage
 
 CLASSIFIER_MAX_TOKENS = 512  # RoBERTa's position limit; DialogRPT (GPT-2) reads the same cut of parent + reply
 
@@ -39,8 +39,8 @@ def classifier_scores(path: str, texts: list, args, label=None, pairs=None, max_
     texts = [t or tok.eos_token for t in texts]  # an empty response is scored as a lone end-of-text token
     pairs = pairs and [t or tok.eos_token for t in pairs]
     out = []
-    for i in tqdm(range(0, len(texts), args.eval_batch_size), desc=f"reward {os.path.basename(path)}", leave=False,
-                  disable=None):
+    for i in Stage(range(0, len(texts), args.eval_batch_size), f"reward {os.path.basename(path)}", unit="batch",
+                   leave=False):
         enc = tok(texts[i:i + args.eval_batch_size], pairs and pairs[i:i + args.eval_batch_size], return_tensors="pt",
                   padding=True, truncation=True, max_length=min(max_tokens, tok.model_max_length))
         logits = model(**enc.to(args.device)).logits.float()  # (b, classes)

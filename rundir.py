@@ -36,6 +36,16 @@ def write_atomic(path: str, content):
     os.replace(tmp, path)
 
 
+def follow_umask(folder: str):
+    """Give the files in `folder` the modes the user's umask allows (0644 under the usual 022): safetensors writes
+    its files 0600, which would keep a checkpoint from the group that shares the run directory."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: put it back at once
+    for root, _, files in os.walk(folder):
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def lock(out: str) -> str:
     """Take the run directory's lock (rank 0), or "" with why not: the pid of the run that holds it. The OS frees
     the lock when its process ends, however it ends, so a crashed run's lock is simply taken over."""
@@ -90,7 +100,8 @@ def prepare(args, fingerprints: dict) -> str:
     reads (caches.run_fingerprints) and the RUN_MARKER that only alol writes. A folder without the marker is never
     used or deleted; one holding a different run (other settings, or anything it read that changed since) is kept
     unless --overwrite; a --resume that would drop methods the run holds is refused."""
-    out = args.out_dir or os.path.join("runs", f"{args.task}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = os.path.basename(args.train_file).split(".")[0] if args.train_file else args.task  # your data's name
+    out = args.out_dir or os.path.join("runs", f"{name}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     config_path = os.path.join(out, "config.json")
     config = {RUN_MARKER: True, **dataclasses.asdict(args), "fingerprints": fingerprints}
     old = read_config(out)

@@ -6,6 +6,7 @@ import torch
 
 from cli import AlolError
 from distributed import shard_map, world
+from tracking import clashing_names
 
 
 def score(reward_fn, prompts: list, responses: list) -> dict:
@@ -25,9 +26,9 @@ def score(reward_fn, prompts: list, responses: list) -> dict:
             raise AlolError(f"reward function {name} failed on {n} examples: {type(e).__name__}: {e}") from None
         if not components or not all(isinstance(k, str) for k in components):
             raise AlolError(f"reward function {name} returned {str(out)[:80]}; expected {{name: {n} values in [0, 1]}}")
-        if "reward" in components:  # R's key: R would replace the component, and the components would lose it
-            raise AlolError(f"reward function {name}: a component is named 'reward', the name of their sum R; "
-                            "rename it")
+        if clashing_names(components):
+            raise AlolError(f"reward function {name}: component {clashing_names(components)[0]!r} has the name of a "
+                            "column of the results table or of the summed reward: rename it")
         for key, v in components.items():
             if v.shape != (n,) or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
                 raise AlolError(f"reward function {name}: component {key!r} must be {n} finite values in [0, 1], got "

@@ -2,6 +2,7 @@
 curves.png; results.json, results.md and results.png."""
 import dataclasses
 import importlib
+import itertools
 import json
 import os
 import textwrap
@@ -10,6 +11,16 @@ import torch
 
 from distributed import is_main, world
 from rundir import write_atomic
+
+# The results table's own columns besides one per reward component: a component may not be named like one of them
+# (two `length` columns), nor `reward` beside other components (the key of their sum R). clashing_names says which.
+TABLE_COLUMNS = ("", "reward (sampled)", "reward (greedy)", "distinct-1", "distinct-2", "length")
+
+
+def clashing_names(components) -> list:
+    """The reward component names that would clash with the table's columns or with R's key `reward`; [] if none.
+    A lone `reward` is the single-reward form ({"reward": 0.7} in a JSONL row)."""
+    return sorted(set(components) & (set(TABLE_COLUMNS) | ({"reward"} if len(components) > 1 else set())))
 
 
 class Tracker:
@@ -46,57 +57,102 @@ class Tracker:
             module.finish()
 
 
-def write_curves(out_dir: str, stages: list, clip_eps):
-    """curves.png: per optimiser step, one line per stage: loss, mean ratio with the clip band, clipped share, mean A+
-    (the methods only: the NLL reference stage has no ratio and no advantage, dpo and pro neither), the share of
-    pairs ranked right (dpo and pro), and the validation reward."""
-    if not is_main():
-        return
+# curves.png: one panel per logged quantity that some stage has, each on its own scale. The loss is divided by each
+# stage's first logged loss: the methods weight log-probs by 1, R or A+ (times a ratio), so their raw losses differ
+# by orders of magnitude and one axis would flatten all but the largest; relative to its start each one's trend shows.
+# Per-batch values are noisy: each line is their trailing mean over SMOOTH_SHARE of the stage's steps (the raw values
+# are in log.jsonl and the trackers).
+CURVES = {"loss": "loss / the stage's loss at its start", "ratio": "mean ratio pi/pi_ref (clipped)",
+          "clip_frac": "share of the batch clipped",
+          "adv": "mean A+ of the batch\n(equal where methods draw the same batches)",
+          "pair_acc": "pairs the policy ranks as the rewards (dpo, pro)", "val_reward": "validation reward (--eval-every)"}
+SMOOTH_SHARE = 0.05
+LINE_STYLES = ("-", "--", "-.", ":")  # with the colours: lines that coincide (the same batches) both stay visible
+
+
+def line_style(i: int) -> dict:
+    """Stage i's colour and dash pattern: both cycle (10 colours, 4 patterns), so the first 20 stages each differ
+    from every other, and neighbours in both. Each is drawn thinner than the one before: where two coincide (a_lol_kl
+    with a small beta on a_lol_ref_free), the earlier one's edges still show around the later one."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab10"](i % 10), "linestyle": LINE_STYLES[i % len(LINE_STYLES)],
+            "linewidth": max(0.8, 3.0 - 0.22 * i)}
+
+
+def trailing_mean(values: list) -> list:
+    """Each value's mean with the ones before it, over a window of SMOOTH_SHARE of them (fewer at the start)."""
+    w, sums = max(1, round(SMOOTH_SHARE * len(values))), [0, *itertools.accumulate(values)]
+    return [(sums[i + 1] - sums[max(0, i + 1 - w)]) / min(i + 1, w) for i in range(len(values))]
+
+
+def curves_figure(out_dir: str, stages: list, clip_eps):
+    """The figure of curves.png: per optimiser step, one line per stage in each panel of CURVES that has data (the
+    NLL reference stage logs no ratio and no advantage; the validation reward needs --eval-every); None without data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {"loss": "loss", "ratio": "mean ratio pi/pi_ref (clipped)", "clip_frac": "share of the batch clipped",
-              "adv": "mean A+ of the batch", "pair_acc": "pairs the policy ranks as the rewards (dpo, pro)",
-              "val_reward": "validation reward (--eval-every)"}
-    fig, grid = plt.subplots(2, 4, figsize=(20, 7.5))
-    axes, key_ax = grid.flat[:6], grid.flat[6]  # the next cell holds one legend for every panel
-    grid.flat[7].axis("off")
-    for color, stage in enumerate(stages):
+    lines = {}  # quantity -> [(stage, steps, values)]
+    for stage in stages:
         log = os.path.join(out_dir, stage, "log.jsonl")
         rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []  # none: --ref-model given
-        for ax, key in zip(axes, panels):
+        for key in CURVES:
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points and not (stage == "reference" and key in ("ratio", "clip_frac", "adv")):
-                ax.plot(*zip(*points), color=f"C{color % 10}", linestyle="-" if color < 10 else "--", label=stage,
-                        marker="o" if key == "val_reward" else None)  # ten colours, then dashed
-    if clip_eps is not None:
-        axes[1].axhspan(max(1 - clip_eps, 0), 1 + clip_eps, color="gray", alpha=0.15, label=f"clip band 1 ± {clip_eps}")
-    for ax, title in zip(axes, panels.values()):
-        ax.set(title=title, xlabel="optimiser step")
+                steps, values = zip(*points)
+                values = values if key == "val_reward" else trailing_mean(values)
+                if key == "loss":
+                    values = [v / (abs(values[0]) or 1.0) for v in values]
+                lines.setdefault(key, []).append((stage, steps, values))
+    panels = [key for key in CURVES if key in lines]
+    if not panels:  # no stage has logged a step yet
+        return None
+    cols = 3 if len(panels) > 4 else min(len(panels), 2)
+    rows = -(-len(panels) // cols)
+    legend_cell = rows * cols > len(panels)  # a free cell takes the legend; else it goes right of the panels
+    fig, grid = plt.subplots(rows, cols, figsize=(5 * cols + (0 if legend_cell else 2.2), 3.8 * rows), squeeze=False)
+    for ax, key in zip(grid.flat, panels):
+        for stage, steps, values in lines[key]:
+            ax.plot(steps, values, label=stage, marker="o" if key == "val_reward" else None,
+                    **line_style(stages.index(stage)))
+        if key == "ratio" and clip_eps is not None:
+            ax.axhspan(max(1 - clip_eps, 0), 1 + clip_eps, color="gray", alpha=0.15, label=f"clip band 1 ± {clip_eps}")
+        ax.set_title(CURVES[key], fontsize=10)
+        ax.set_xlabel("optimiser step")
         ax.grid(alpha=0.3)
-        if not ax.lines:
-            ax.text(0.5, 0.5, "off", ha="center", transform=ax.transAxes)
-    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
-    key_ax.legend(legend.values(), legend.keys(), loc="center", title="stage")
-    key_ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
-    plt.close(fig)
+    legend = {label: handle for ax in grid.flat[:len(panels)] for handle, label in zip(*ax.get_legend_handles_labels())}
+    for ax in grid.flat[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"per optimiser step, trailing mean over {SMOOTH_SHARE:.0%} of each stage's steps", fontsize=10)
+    if legend_cell:
+        grid.flat[-1].legend(legend.values(), legend.keys(), loc="center", title="stage")
+        fig.tight_layout()
+    else:
+        fig.tight_layout(rect=(0, 0, 1 - 2.2 / fig.get_figwidth(), 1))
+        fig.legend(legend.values(), legend.keys(), loc="center right", title="stage")
+    return fig
+
+
+def write_curves(out_dir: str, stages: list, clip_eps):
+    """curves.png (curves_figure), redrawn after each stage."""
+    if not is_main():
+        return
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(out_dir, stages, clip_eps)
+    if fig is not None:
+        fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
+        plt.close(fig)
 
 
 def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:
-    """results.json, results.md (the printed table, returned) and results.png (reward per method, advantages)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """results.json, results.md (the printed table, returned) and results.png (report_figure)."""
     rows = {"data": {**results["data"], "reward_sampled": results["data"]["reward"]}, "reference": results["reference"],
             **results["methods"]}
     comps = list(results["data"]["components"])
-    columns = ["", "reward (sampled)", "reward (greedy)", *comps, "distinct-1", "distinct-2", "length"]
+    columns = [*TABLE_COLUMNS[:3], *comps, *TABLE_COLUMNS[3:]]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, m in rows.items():
         cells = [m["reward_sampled"], m.get("reward_greedy"), *(m["components"].get(c) for c in comps), m["distinct_1"],
@@ -117,22 +173,37 @@ def write_report(results: dict, advantage: torch.Tensor, out_dir: str) -> str:
                  f"\n\n{table}\n")
     if not is_main():
         return table
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    bars = left.bar(list(rows), [m["reward_sampled"] for m in rows.values()], color="tab:blue", label="sampled")
-    left.bar_label(bars, fmt="%.2f")
-    models = list(rows)[1:]  # the data has no greedy decode
-    left.plot(models, [rows[m]["reward_greedy"] for m in models], "o", color="tab:orange", label="greedy")
-    left.set(ylabel="mean test reward", title="reward of test generations")
-    left.tick_params(axis="x", rotation=30)
-    left.legend()
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(rows, advantage)
+    fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)
+    plt.close(fig)
+    return table
+
+
+def report_figure(rows: dict, advantage: torch.Tensor):
+    """The figure of results.png: the mean test reward per row of the table (sampled bars, greedy dots; one row per
+    method, names on the y axis, so that any number of methods stays legible) and the histogram of the advantages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)[::-1]  # top to bottom in the table's order
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(4.2, 1.6 + 0.38 * len(names))),
+                                      gridspec_kw={"width_ratios": [1.2, 1]})
+    bars = left.barh(names, [rows[m]["reward_sampled"] for m in names], color="tab:blue")
+    left.bar_label(bars, fmt="%.2f", label_type="center", color="white", fontsize=9)  # clear of the greedy dots
+    decoded = [m for m in names if rows[m].get("reward_greedy") is not None]  # the data has no greedy decode
+    left.plot([rows[m]["reward_greedy"] for m in decoded], decoded, "o", color="tab:orange")
+    left.set(xlabel="mean test reward", title="reward of test generations: sampled (bars), greedy (dots)")
+    left.set_xlim(0, 1.05 * max([b.get_width() for b in bars] + [rows[m]["reward_greedy"] for m in decoded]))
     right.hist(advantage.numpy(), bins=60, color="tab:gray")
     right.axvline(0, color="black")
     right.set(xlabel="A = R - V(x)", ylabel="training examples",
               title=f"advantages: {(advantage > 0).float().mean():.0%} positive (kept by A-LoL)")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)
-    plt.close(fig)
-    return table
+    return fig
 
 
 def advantage_stats(advantage: torch.Tensor) -> dict:

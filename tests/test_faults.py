@@ -262,8 +262,8 @@ def test_resume_after_data_or_reward_code_changed_is_refused(tmp_path, monkeypat
 def test_non_finite_loss_stops_before_the_weights_are_saved(tmp_path, monkeypatch, capsys):
     code, err, _, reached = run(base(tmp_path, "--ref-lr", "1e30", "--save-every", "1"), monkeypatch, capsys,
                                 stop_at_reference=False)
-    assert code == 1 and re.search(r"nll: non-finite values at step \d+ .*stopped before updating or saving the "
-                                   r"weights\. Try a lower learning rate \(now 1e\+30\)", err)
+    assert code == 1 and re.search(r"non-finite values in train reference, step \d+ of 3 .*stopped before updating or "
+                                   r"saving the weights\. Try a lower learning rate \(now 1e\+30\)", err)
     ckpt = tmp_path / "run" / "reference" / "checkpoint"
     if ckpt.exists():  # the steps before the first non-finite one were saved, and are finite
         weights = transformers.AutoModelForCausalLM.from_pretrained(ckpt).state_dict().values()
@@ -320,7 +320,7 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes_a_complete_checkpoint_tmp
 
     monkeypatch.setattr(alol, "train_step", ctrl_c_at_fourth_reference_step)
     code, err, _, _ = run(argv, monkeypatch, capsys, stop_at_reference=False)
-    assert code == 130 and err.strip() == ("interrupted in training nll, step 4; to continue: python "
+    assert code == 130 and err.strip() == ("interrupted in train reference, step 4 of 6; to continue: python "
                                            f"{sys.argv[0]} {shlex.join(argv + ['--resume'])}")
     ckpt = tmp_path / "run" / "reference" / "checkpoint"
     assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == 2
