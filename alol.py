@@ -50,8 +50,7 @@ from scoring import score
 class Args:
     # run
     task: str = opt("toy", "task, a module of tasks/ with its data, reward and preset (`toy`: embedded, offline)")
-    algo: str = opt("nll,a_lol", "comma list of methods trained from the same reference, or `all`: the eight of "
-                    "alol_loss, plus dpo and pro where every training example has a pair (toy; `rejected` in JSONL)")
+    algo: str = opt("nll,a_lol", "comma list of methods from the same reference, or `all` (dpo, pro: on paired data)")
     seed: int = opt(0, "seed for data, initialisation, sampling order and generation")
     out_dir: str = opt("", "run directory (default runs/<task or --train-file name>-seed<seed>-<time>)")
     overwrite: bool = opt(False, "replace an --out-dir that holds a different run")

@@ -167,8 +167,8 @@ class Stage:
 
     def record(self, step: int, row: dict, policy):
         """After optimiser step `step` (from 0): its row, the validation reward when due, the checkpoint when due."""
-        self.bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ratio", "clip_frac", "adv", "pair_acc", "margin")
-                              if k in row})  # the statistics this method logs
+        self.bar.set_postfix(**{k: f"{row[k]:.3f}" for k in ("loss", "ratio", "clip_frac", "adv", "pair_acc", "margin")
+                                if k in row})  # the statistics this method logs
         done = step + 1
         self.write(row)
         if self.every and (done % self.every == 0 or done == self.n_steps):

@@ -65,7 +65,8 @@ class Tracker:
 CURVES = {"loss": "loss / the stage's loss at its start", "ratio": "mean ratio pi/pi_ref (clipped)",
           "clip_frac": "share of the batch clipped",
           "adv": "mean A+ of the batch\n(equal where methods draw the same batches)",
-          "pair_acc": "pairs the policy ranks as the rewards (dpo, pro)", "val_reward": "validation reward (--eval-every)"}
+          "pair_acc": "pairs the policy ranks as the rewards (dpo, pro)",
+          "val_reward": "validation reward (--eval-every)"}
 SMOOTH_SHARE = 0.05
 LINE_STYLES = ("-", "--", "-.", ":")  # with the colours: lines that coincide (the same batches) both stay visible
 
