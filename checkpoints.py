@@ -167,8 +167,9 @@ class Stage:
 
     def record(self, step: int, row: dict, policy):
         """After optimiser step `step` (from 0): its row, the validation reward when due, the checkpoint when due."""
-        self.bar.set_postfix(**{k: f"{row[k]:.3f}" for k in ("loss", "ratio", "clip_frac", "adv", "pair_acc", "margin")
-                                if k in row})  # the statistics this method logs
+        shown = {"loss": "loss", "ratio": "ratio", "clip_frac": "clip", "adv": "adv", "pair_acc": "pairs",
+                 "margin": "margin"}
+        self.bar.set_postfix(**{name: f"{row[k]:.3f}" for k, name in shown.items() if k in row})  # this method's
         done = step + 1
         self.write(row)
         if self.every and (done % self.every == 0 or done == self.n_steps):

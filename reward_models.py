@@ -124,7 +124,7 @@ def comet_critic_scores(path: str, pairs: list, args) -> torch.Tensor:
     tok.padding_side = "right"
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     critic, out = load_comet_critic(path, dtype).to(args.device), []
-    for i in tqdm(range(0, len(pairs), args.eval_batch_size), desc="reward comet critic", leave=False, disable=None):
+    for i in Stage(range(0, len(pairs), args.eval_batch_size), "reward comet critic", unit="batch", leave=False):
         batch = pairs[i:i + args.eval_batch_size]
         enc = tok([a for a, _ in batch], [b for _, b in batch], return_tensors="pt", padding=True, truncation=True,
                   max_length=min(CLASSIFIER_MAX_TOKENS, tok.model_max_length))  # ATOMIC's pairs are far shorter

@@ -13,6 +13,7 @@ import transformers
 
 import alol
 import caches
+import cli
 import checks
 import models
 import reward_models
@@ -63,10 +64,10 @@ def test_critic_refuses_a_folder_without_pooler_or_head(tmp_path):
     no_pooler = transformers.RobertaModel(transformers.RobertaConfig.from_pretrained(CRITIC), add_pooling_layer=False)
     no_pooler.save_pretrained(tmp_path / "no_pooler")
     shutil.copy(os.path.join(CRITIC, reward_models.CometCritic.HEAD_FILE), tmp_path / "no_pooler")
-    with pytest.raises(alol.AlolError, match="missing_keys.*pooler"):
+    with pytest.raises(cli.AlolError, match="missing_keys.*pooler"):
         reward_models.load_comet_critic(str(tmp_path / "no_pooler"))
     os.remove(tmp_path / "no_pooler" / reward_models.CometCritic.HEAD_FILE)
-    with pytest.raises(alol.AlolError, match="no custom_roberta_classification_head.pt"):
+    with pytest.raises(cli.AlolError, match="no custom_roberta_classification_head.pt"):
         reward_models.load_comet_critic(str(tmp_path / "no_pooler"))
 
 
@@ -101,7 +102,7 @@ def test_names_are_two_people_drawn_by_the_text():
     x, y = a[0].split(" asks ")[0], a[0].split(" asks ")[1].split(" for")[0]
     assert x != y and {x, y} <= set(tasks.comet.FIRST_NAMES) and a[1] == f"but before, {x} needed to find {y}"
     assert tasks.comet.critic_pair("PersonX asks PersonY for help", "xNeed", "to find PersonY") == a  # reproducible
-    with pytest.raises(alol.AlolError, match="relation 'isAfter'"):
+    with pytest.raises(cli.AlolError, match="relation 'isAfter'"):
         tasks.comet.critic_pair("PersonX wakes up", "isAfter", "PersonX sleeps")
 
 
@@ -173,11 +174,11 @@ def comet_args(tmp_path, *extra):
 def test_missing_data_says_what_to_download(tmp_path):
     args = alol.parse_args(["--task", "comet", "--data-dir", str(tmp_path / "nothing"), "--out-dir",
                             str(tmp_path / "run")])
-    with pytest.raises(alol.AlolError, match=r"ATOMIC10X\.jsonl and test\.tsv: download .*symbolic-knowledge-"
+    with pytest.raises(cli.AlolError, match=r"ATOMIC10X\.jsonl and test\.tsv: download .*symbolic-knowledge-"
                                              r"distillation\.tar\.gz.*atomic-2020.*nothing"):
         alol.main(args)
     write_official_inputs(tmp_path / "data")
-    with pytest.raises(alol.AlolError, match="--comet-critic-model .*convert_keras_roberta_to_huggingface.py"):
+    with pytest.raises(cli.AlolError, match="--comet-critic-model .*convert_keras_roberta_to_huggingface.py"):
         alol.main(comet_args(tmp_path, "--comet-critic-model", str(tmp_path / "no_critic")))
     assert not (tmp_path / "run").exists()
 

@@ -60,7 +60,7 @@ def test_sigterm_under_torchrun_is_one_line_and_another_process_count_is_another
     code, out = finish(job)
     assert code != 0 and "Connection closed" not in out and 'alol.py", line' not in out, out  # no worker traceback
     (line,) = ours(out)
-    match = re.fullmatch(r"terminated \(SIGTERM\) in training nll, step (\d+); to continue: (torchrun --standalone "
+    match = re.fullmatch(r"terminated \(SIGTERM\) in train reference, step (\d+) of \d+; to continue: (torchrun --standalone "
                          r"--nproc_per_node 2 .*alol\.py .* --resume)", line)
     assert match and match[2].endswith(shlex.join(argv + ["--resume"])), line
     one = subprocess.run([sys.executable, ALOL, *argv, "--resume"], cwd=tmp_path, env=ENV, capture_output=True,
@@ -80,7 +80,7 @@ def test_a_dead_peer_is_named_with_the_resume_command(tmp_path):
     code, out = finish(job)
     assert code != 0 and 'alol.py", line' not in out, out
     (line,) = ours(out)
-    match = re.fullmatch(r"error: the process of rank 1 died \(.*\); stopped in training nll, step \d+; to continue: "
+    match = re.fullmatch(r"error: the process of rank 1 died \(.*\); stopped in train reference, step \d+ of \d+; to continue: "
                          r"(torchrun --standalone --nproc_per_node 2 .* --resume)", line)
     assert match, line
     resume(tmp_path, match[1])
@@ -92,7 +92,7 @@ def test_sigterm_on_one_process_and_a_resume_with_two_is_refused(tmp_path):
     code, out = finish(job)
     assert code == 143 and 'alol.py", line' not in out, out
     (line,) = ours(out)
-    match = re.fullmatch(r"terminated \(SIGTERM\) in training nll, step \d+; to continue: (python .*alol\.py .* "
+    match = re.fullmatch(r"terminated \(SIGTERM\) in train reference, step \d+ of \d+; to continue: (python .*alol\.py .* "
                          r"--resume)", line)
     assert match, line
     two = subprocess.run([*launcher(2), ALOL, *argv, "--resume"], cwd=tmp_path, env=ENV, capture_output=True,

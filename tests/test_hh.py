@@ -252,7 +252,7 @@ def test_pro_layout_read_as_the_official_trainer(hh, tmp_path, monkeypatch, clea
     scored.clear()  # the training reward function reads each prompt's parsed turns, never the template
     reward_fn([r["prompt"] for r in splits["val"]], [v["generated_reply"] for v in with_reply])
     assert scored == [v["dev_rm_text"] for v in with_reply]
-    with pytest.raises(alol.AlolError, match="--hh-train chosen: PRO's processed files are re-ranked"):
+    with pytest.raises(cli.AlolError, match="--hh-train chosen: PRO's processed files are re-ranked"):
         tasks.hh.load(hh_args(hh, tmp_path, "--hh-dataset", str(data), "--hh-train", "chosen"))
 
 

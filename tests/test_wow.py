@@ -12,6 +12,7 @@ import transformers
 import alol
 import caches
 import checks
+import cli
 import models
 import tasks.faithdial
 import tasks.wow
@@ -51,7 +52,7 @@ def test_extraction_equals_the_official():
     for name, split in EXTRACT["splits"].items():
         assert tasks.wow.wow_turns(EXTRACT["inputs"][name]) == \
             [{k: turn[k] for k in ("response", "history", "knowledge")} for turn in split["kept_official"]]
-    with pytest.raises(alol.AlolError, match="unknown speaker 'Narrator'"):
+    with pytest.raises(cli.AlolError, match="unknown speaker 'Narrator'"):
         tasks.wow.wow_turns([{"dialog": [{"speaker": "Narrator", "text": "x"}]}])
 
 
@@ -142,14 +143,14 @@ def wow_args(tmp_path, flags, *extra):
 def test_missing_data_says_what_to_download(tmp_path):
     args = alol.parse_args(["--task", "wow", "--data-dir", str(tmp_path / "nothing"), "--out-dir",
                             str(tmp_path / "run")])
-    with pytest.raises(alol.AlolError, match=r"train\.json and valid_topic_split\.json: download http://parl\.ai/"
+    with pytest.raises(cli.AlolError, match=r"train\.json and valid_topic_split\.json: download http://parl\.ai/"
                                              r"downloads/wizard_of_wikipedia/wizard_of_wikipedia\.tgz.*nothing"):
         alol.main(args)
     wow, _ = write_inputs(tmp_path)
-    with pytest.raises(alol.AlolError, match="--faithdial-dataset .*no_faithdial.*train.jsonl, validation.jsonl"):
+    with pytest.raises(cli.AlolError, match="--faithdial-dataset .*no_faithdial.*train.jsonl, validation.jsonl"):
         tasks.wow.faithdial_rows(alol.parse_args(["--task", "wow", "--faithdial-dataset",
                                                   str(tmp_path / "no_faithdial")]))
-    with pytest.raises(alol.AlolError, match="no-such-data.*not in the Hugging Face cache.*HF_HUB_OFFLINE is set.*"
+    with pytest.raises(cli.AlolError, match="no-such-data.*not in the Hugging Face cache.*HF_HUB_OFFLINE is set.*"
                                              "train.jsonl, validation.jsonl"):
         tasks.wow.faithdial_rows(alol.parse_args(["--task", "wow", "--faithdial-dataset", "nobody/no-such-data"]))
     assert not (tmp_path / "run").exists()
