@@ -418,7 +418,7 @@ def test_resume_after_the_task_data_or_its_reward_model_changed_is_refused(tmp_p
     assert run(argv + ["--resume"], monkeypatch, capsys)[3]
     perturb(tmp_path / "rm", reward_models.NeoXRewardModel)
     code, err, _, reached = run(argv + ["--resume"], monkeypatch, capsys)
-    assert code == 1 and one_line(err, r"differs in: --hh-reward-model files(, --hh-test-reward-model files)?\)") and not reached
+    assert code == 1 and one_line(err, r"differs in: [^)]*--hh-reward-model files[^)]*\)") and not reached
 
 
 def test_resume_that_would_drop_methods_is_refused(tmp_path, monkeypatch, capsys):
