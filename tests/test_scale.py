@@ -86,6 +86,13 @@ def test_resume_of_a_killed_two_process_run(runs):
         time.sleep(0.2)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
+    deadline = time.time() + 30  # the workers die with torchrun: wait until the OS has ended them (and so freed the
+    while time.time() < deadline:  # run directory's lock), as a user resuming after a crash would find them
+        try:
+            os.killpg(job.pid, 0)
+            time.sleep(0.1)
+        except ProcessLookupError:
+            break
     assert not (runs / "cut" / "results.json").exists()  # killed before the end
     launch(runs, "cut", 2, "--save-every", "1", "--resume")
     for stage in ("reference", "nll", "a_lol", "dpo"):  # dpo: two forward passes (its replies) per backward
